@@ -1,0 +1,333 @@
+"""Typed, frozen run configuration loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("configs/multi30k.yaml", ["train.max_updates=20", "model.transformer.d_model=128"])
+
+A YAML file may name another with `base: relative/path.yaml`; its mapping is loaded first and this file's keys are
+merged over it (presets in `configs/models/` work this way). Unknown keys, wrong types and invalid values raise
+`ConfigError` naming the key path and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_nmt.models.hparams import GNMTHParams, TransformerHParams
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key path and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the parallel text lives and how it is turned into subword arrays.
+
+    Split prefixes are relative to `root`; files are `{prefix}.{lang}` or `{prefix}.{lang}.gz`.
+    """
+
+    root: str = "../shared/data/multi30k"
+    src_lang: str = "en"
+    tgt_lang: str = "de"
+    train: str = "raw/train"
+    dev: str = "raw/val"
+    test: str = "raw/test_2016_flickr"
+    test_tok_ref: str = ""
+    prepared_dir: str = "data-bin/multi30k"
+    vocab_size: int = 8000
+    max_len: int = 128
+    character_coverage: float = 1.0
+    chunk_lines: int = 100_000
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`arch` picks the model; its section holds that model's sizes."""
+
+    arch: str = "transformer"
+    transformer: TransformerHParams = field(default_factory=TransformerHParams)
+    gnmt: GNMTHParams = field(default_factory=GNMTHParams)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam with inverse-square-root warmup (Vaswani et al.), global-norm clipping."""
+
+    lr: float = 5e-4
+    warmup_updates: int = 4000
+    warmup_init_lr: float = 1e-7
+    beta1: float = 0.9
+    beta2: float = 0.98
+    epsilon: float = 1e-9
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batching, stopping, validation and checkpointing. Intervals are in updates unless named otherwise."""
+
+    run_dir: str = "runs/multi30k"
+    seed: int = 1
+    max_tokens: int = 4096
+    accum_steps: int = 1
+    max_updates: int = 0
+    max_epochs: int = 0
+    max_time_minutes: float = 0.0
+    log_every_updates: int = 50
+    eval_every_updates: int = 500
+    save_every_updates: int = 500
+    keep_last: int = 3
+    patience: int = 0
+    eval_sample_sentences: int = 300
+    max_consecutive_bad_updates: int = 5
+    hybridize: bool = True
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Numeric precision and dynamic loss scaling (the scaler also runs in fp32 for testing)."""
+
+    dtype: str = "fp32"
+    loss_scaling: str = "none"
+    init_scale: float = 2.0**15
+    growth_interval: int = 2000
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    min_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """Horovod behaviour; timeouts bound how long a dead rank can hang the others."""
+
+    stall_check_seconds: int = 60
+    stall_shutdown_seconds: int = 120
+    gloo_timeout_seconds: int = 300
+    consistency_check_every_updates: int = 500
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Beam search: GNMT length penalty ((5+len)/6)^alpha, coverage penalty beta, max len = a*src_len + b."""
+
+    beam_size: int = 4
+    alpha: float = 0.6
+    beta: float = 0.0
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    batch_sentences: int = 64
+    nbest: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("gnmt", "transformer"),
+    "model.gnmt.attention": ("mlp", "normed_mlp"),
+    "precision.dtype": ("bf16", "fp16", "fp32"),
+    "precision.loss_scaling": ("dynamic", "none"),
+}
+POSITIVE = {
+    "data.vocab_size", "data.max_len", "data.chunk_lines", "train.max_tokens", "train.accum_steps",
+    "train.log_every_updates", "train.eval_every_updates", "train.save_every_updates", "train.keep_last",
+    "decode.beam_size", "decode.batch_sentences", "decode.nbest", "precision.init_scale",
+    "precision.growth_interval", "precision.min_scale", "model.transformer.d_model", "model.transformer.num_heads",
+    "model.transformer.d_ff", "model.gnmt.hidden_size", "model.gnmt.embed_size", "optim.lr",
+}
+PROBABILITY = {
+    "optim.label_smoothing", "model.transformer.dropout", "model.transformer.attention_dropout",
+    "model.transformer.activation_dropout", "model.gnmt.dropout", "data.character_coverage",
+}
+# Keys whose change makes an existing checkpoint unusable (resume refuses and names them).
+SHAPE_KEYS = ("model", "data.vocab_size", "data.src_lang", "data.tgt_lang")
+
+
+def _fail(path: str, msg: str) -> typing.NoReturn:
+    raise ConfigError(f"config key '{path}': {msg}")
+
+
+def _coerce(path: str, value: Any, typ: Any) -> Any:
+    """Check (and where lossless, convert) `value` to the annotated type `typ`."""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            _fail(path, f"expected a mapping of {typ.__name__} fields, got {type(value).__name__} {value!r}")
+        return _build(typ, value, path)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(path, f"expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(path, f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(path, f"expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        _fail(path, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {typ!r} at {path}")
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = f"section '{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"unknown config key '{_join(prefix, unknown[0])}' in {where}; "
+                          f"valid keys: {', '.join(names)}")
+    kwargs = {k: _coerce(_join(prefix, k), v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _validate(cfg: Config) -> None:
+    flat = flatten(cfg)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            _fail(key, f"invalid value {flat[key]!r}; choose one of: {', '.join(choices)}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            _fail(key, f"must be > 0, got {flat[key]!r}")
+    for key in PROBABILITY:
+        if not 0.0 <= flat[key] <= 1.0:
+            _fail(key, f"must be between 0 and 1, got {flat[key]!r}")
+    for key, value in flat.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            _fail(key, f"must not be negative, got {value!r}")
+    t = cfg.model.transformer
+    if t.d_model % t.num_heads:
+        _fail("model.transformer.num_heads", f"d_model={t.d_model} must be divisible by num_heads={t.num_heads}")
+    if cfg.model.gnmt.num_bi_layers > cfg.model.gnmt.num_enc_layers:
+        _fail("model.gnmt.num_bi_layers", "cannot exceed model.gnmt.num_enc_layers")
+    if not (cfg.train.max_updates or cfg.train.max_epochs or cfg.train.max_time_minutes):
+        _fail("train.max_updates", "set at least one of train.max_updates, train.max_epochs, "
+              "train.max_time_minutes so training can stop")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections (data, model, train, ...)")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to {base_path}")
+    return _merge(_read_yaml(base_path, seen + (path.resolve(),)), raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value` (value read as YAML, so `true`, `3`, `1e-4` get their types)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.max_updates=20")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a nested mapping."""
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load YAML at `path` (None = all defaults), apply dotted overrides, validate."""
+    raw = _read_yaml(Path(path)) if path else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return from_dict(raw)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain-dict view (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """`{"train.max_tokens": 4096, ...}` for every leaf."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key))
+        else:
+            out[key] = value
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable short hash of the whole resolved config (stored in every checkpoint)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shape_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Flattened keys under SHAPE_KEYS whose values differ between two flattened configs."""
+    keys = sorted(k for k in set(old) | set(new) if any(k == s or k.startswith(s + ".") for s in SHAPE_KEYS))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "DecodeConfig", "DistConfig", "ModelConfig", "OptimConfig",
+    "PrecisionConfig", "TrainConfig", "config_hash", "flatten", "from_dict", "load_config", "save_config",
+    "shape_diff", "to_dict",
+]
