@@ -1,0 +1,39 @@
+# dist_nmt: `make train` (prepare Multi30k + train the default model) and `make test`.
+# Both bootstrap everything they need first (Debian MPI, .venv, Horovod build); re-runs skip what is done.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/multi30k.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: bootstrap train prepare test test-slow test-all lint bench clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+prepare: bootstrap
+	$(VENV)/bin/dist-nmt prepare --config $(CONFIG) $(ARGS)
+
+train: prepare
+	$(PY) -m dist_nmt.train --config $(CONFIG) $(ARGS)
+
+test: bootstrap
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: bootstrap
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+test-all: bootstrap
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: bootstrap
+	$(VENV)/bin/ruff check dist_nmt tests scripts
+
+bench: bootstrap
+	$(PY) scripts/bench_data.py
+	$(PY) scripts/bench_train.py --preset transformer_base --batch-sentences 128 --seq-len 25
+	$(PY) scripts/bench_decode.py
+
+clean:
+	rm -rf runs data-bin .pytest_cache

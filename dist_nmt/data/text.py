@@ -1,0 +1,115 @@
+"""Raw parallel text: locating split files, reading lines (plain or gzip) and validating UTF-8.
+
+    src_path, tgt_path = split_paths(cfg.data, "dev")      # e.g. ../shared/data/multi30k/raw/val.en.gz
+    for line in read_lines(src_path): ...                   # str without the trailing "\\n"
+
+A split prefix `P` (e.g. `data.dev = "raw/val"`) names the files `{data.root}/P.{lang}` or `{data.root}/P.{lang}.gz`.
+Lines are split on b"\\n" only (never on other Unicode line breaks), so line numbers match `sed -n Np` and `wc -l`.
+"""
+from __future__ import annotations
+
+import codecs
+import gzip
+import hashlib
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from dist_nmt.config import DataConfig
+
+SPLITS = ("train", "dev", "test")
+MULTI30K_HINT = (
+    "The Multi30k corpus comes from the official repository https://github.com/multi30k/dataset "
+    "(files data/task1/raw/*.gz): put them in that directory or set data.root."
+)
+_READ_BYTES = 1 << 20
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file (and line) or config key, and the fix."""
+
+
+def split_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
+    """Resolve the raw (source, target) files of `split` ("train", "dev" or "test").
+
+    Tries `{root}/{prefix}.{lang}` then the same + `.gz`. Raises DataError naming the config key and the paths tried,
+    or, if `data.root` itself is missing, where the Multi30k corpus comes from.
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    prefix = getattr(data, split)
+    if not prefix:
+        raise DataError(f"data.{split} is empty, so there is no {split} split; set data.{split} to a file prefix")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise DataError(f"data.root={data.root!r} does not exist (resolved to {root.resolve()}). {MULTI30K_HINT}")
+    return _find(root, prefix, data.src_lang, split), _find(root, prefix, data.tgt_lang, split)
+
+
+def _find(root: Path, prefix: str, lang: str, split: str) -> Path:
+    tried = [root / f"{prefix}.{lang}", root / f"{prefix}.{lang}.gz"]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise DataError(f"no {lang} file for data.{split}={prefix!r}: tried {', '.join(str(p) for p in tried)}; "
+                    f"fix data.{split} (a prefix relative to data.root={str(root)!r}) or add the file")
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_lines(path: str | Path) -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (plain or `.gz`) with only the trailing "\\n" removed.
+
+    Raises DataError naming the file and the 1-based line number of the first invalid UTF-8 byte sequence,
+    or naming the file if the gzip stream is corrupt.
+    """
+    path = Path(path)
+    lineno = 0
+    try:
+        with _open_binary(path) as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}: line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start} "
+                                    "of the line); re-encode the file as UTF-8") from None
+                yield text[:-1] if text.endswith("\n") else text
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read after line {lineno} ({err}); the file is truncated or corrupt") from None
+
+
+def count_lines(path: str | Path) -> int:
+    """Number of lines in a UTF-8 text file (plain or `.gz`), validating the encoding on the way.
+
+    A final line without "\\n" counts. Reads in 1 MiB blocks (fast on millions of lines); on invalid UTF-8 it
+    re-reads with `read_lines` to raise the DataError that names the line.
+    """
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    lines, last = 0, b"\n"
+    try:
+        with _open_binary(path) as fh:
+            while block := fh.read(_READ_BYTES):
+                lines += block.count(b"\n")
+                last = block[-1:]
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        for _ in read_lines(path):
+            pass
+        raise DataError(f"{path}: not valid UTF-8; re-encode the file as UTF-8") from None  # unreachable in practice
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read ({err}); the file is truncated or corrupt") from None
+    return lines + (last != b"\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of the file as stored (compressed bytes for `.gz`)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,67 @@
+"""What a user watches: log lines, `metrics.jsonl` and TensorBoard events (primary rank only)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(rank: int, size: int, run_dir: str | Path | None = None) -> None:
+    """INFO on rank 0 (also to `run_dir/train.log`); WARNING and above elsewhere, tagged with the rank."""
+    tag = f"[rank {rank}/{size}] " if size > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if rank == 0 and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler.setFormatter(fmt)
+        root.addHandler(file_handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+class MetricsWriter:
+    """Appends one JSON object per event to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.time()
+        self._tb = None
+        self._file = None
+        if enabled:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboardX not installed; TensorBoard events are not written")
+
+    def write(self, kind: str, update: int, values: dict[str, Any]) -> None:
+        """Record `values` for `update` under `kind` (train, valid, test)."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "update": update, "time": round(time.time() - self.start, 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, update)
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

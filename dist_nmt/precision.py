@@ -1,0 +1,76 @@
+"""Numeric precision checks and the dynamic loss scaler.
+
+The scaler is a small state machine over floats: multiply the loss by `scale`; when the (all-reduced) gradients
+overflow, skip the update and back off; after `growth_interval` clean updates in a row, grow. Because it only ever
+sees reduced gradients, every rank takes the same decision on the same step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class PrecisionError(RuntimeError):
+    """Training cannot continue or cannot start at the requested precision."""
+
+
+def check_precision(dtype: str, on_gpu: bool) -> None:
+    """Refuse precisions this machine cannot train in, naming the alternative."""
+    if dtype == "fp16" and not on_gpu:
+        raise PrecisionError(
+            "precision.dtype=fp16 needs a GPU: MXNet 1.9.1 has no float16 matrix multiply on CPU "
+            "('float16 fully connected layer is currently only supported by CuDNN'). Use precision.dtype=fp32 "
+            "(optionally with precision.loss_scaling=dynamic to exercise the loss-scaling path) on CPU.")
+    if dtype == "bf16":
+        raise PrecisionError(
+            "precision.dtype=bf16 is not supported for training: MXNet 1.9.1 AMP only supports bfloat16 "
+            "inference on CPU. Use precision.dtype=fp32.")
+
+
+@dataclass
+class LossScaler:
+    """Dynamic loss scaling. `enabled=False` keeps scale at 1.0 and never changes it."""
+
+    scale: float = 2.0**15
+    growth_interval: int = 2000
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    min_scale: float = 1.0
+    enabled: bool = True
+    clean_updates: int = 0
+    num_overflows: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            self.scale = 1.0
+
+    def update(self, finite: bool) -> bool:
+        """Record one update's outcome; return True if that update must be skipped (gradients not finite)."""
+        if finite:
+            self.clean_updates += 1
+            if self.enabled and self.clean_updates >= self.growth_interval:
+                self.scale *= self.growth_factor
+                self.clean_updates = 0
+            return False
+        self.num_overflows += 1
+        self.clean_updates = 0
+        if self.enabled:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale / 2)
+            if self.scale < self.min_scale:
+                raise PrecisionError(
+                    f"minimum loss scale {self.min_scale} reached after {self.num_overflows} overflows: the "
+                    "gradients are not finite even at the smallest scale. Lower optim.lr, check the data, or use "
+                    "precision.dtype=fp32; the last good checkpoint is intact.")
+        return True
+
+    def state_dict(self) -> dict:
+        """Plain-float state for checkpoints."""
+        return {"scale": self.scale, "clean_updates": self.clean_updates, "num_overflows": self.num_overflows}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+        self.scale = float(state["scale"])
+        self.clean_updates = int(state["clean_updates"])
+        self.num_overflows = int(state["num_overflows"])

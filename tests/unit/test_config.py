@@ -1,0 +1,88 @@
+"""Config loading: types, unknown keys, invalid values, overrides, base files, hashing."""
+from pathlib import Path
+
+import pytest
+
+from dist_nmt.config import ConfigError, config_hash, flatten, from_dict, load_config, save_config, shape_diff
+
+RUNNABLE = {"train": {"max_updates": 10}}
+
+
+def test_yaml_presets_load_and_override():
+    cfg = load_config("configs/multi30k.yaml", ["train.max_updates=20", "model.transformer.d_model=128"])
+    assert cfg.train.max_updates == 20
+    assert cfg.model.transformer.d_model == 128
+    assert cfg.model.arch == "transformer"
+    assert cfg.data.test_tok_ref.endswith(".tok.de.gz")
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs").rglob("*.yaml")))
+def test_every_shipped_config_is_valid(path):
+    load_config(path, ["train.max_updates=1"])
+
+
+def test_unknown_key_names_path_and_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.max_update'.*valid keys: .*max_updates"):
+        from_dict({"train": {"max_update": 3}})
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'.*valid keys: data, model"):
+        from_dict({"trian": {}, **RUNNABLE})
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    ({"train": {"max_updates": "ten"}}, r"'train.max_updates': expected an integer, got 'ten'"),
+    ({"train": {"max_updates": 1.5}}, r"'train.max_updates': expected an integer"),
+    ({"train": {"max_updates": 5, "hybridize": "yes"}}, r"'train.hybridize': expected true or false"),
+    ({"model": {"arch": "gnmtt"}, **RUNNABLE}, r"'model.arch': invalid value 'gnmtt'; choose one of: gnmt, transformer"),
+    ({"precision": {"dtype": "fp8"}, **RUNNABLE}, r"choose one of: bf16, fp16, fp32"),
+    ({"optim": {"label_smoothing": 1.5}, **RUNNABLE}, r"'optim.label_smoothing': must be between 0 and 1"),
+    ({"train": {"max_updates": 5, "max_tokens": 0}}, r"'train.max_tokens': must be > 0"),
+    ({"model": {"transformer": {"d_model": 100, "num_heads": 8}}, **RUNNABLE}, r"divisible by num_heads"),
+    ({"data": "x", **RUNNABLE}, r"'data': expected a mapping"),
+    ({}, r"set at least one of train.max_updates"),
+])
+def test_invalid_values_are_named(raw, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        from_dict(raw)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.max_updates"])
+
+
+def test_override_types_parsed_as_yaml():
+    cfg = load_config(None, ["train.max_updates=7", "train.hybridize=false", "optim.lr=1e-4"])
+    assert (cfg.train.max_updates, cfg.train.hybridize, cfg.optim.lr) == (7, False, 1e-4)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_base_chain_merges(tmp_path):
+    (tmp_path / "a.yaml").write_text("train: {max_updates: 3, seed: 5}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain: {seed: 9}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.train.max_updates, cfg.train.seed) == (3, 9)
+
+
+def test_saved_config_round_trips_and_hash_is_stable(tmp_path):
+    cfg = load_config("configs/tiny.yaml")
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config("configs/tiny.yaml", ["train.seed=2"])) != config_hash(cfg)
+
+
+def test_shape_diff_names_model_keys_only():
+    a = flatten(load_config("configs/tiny.yaml"))
+    b = flatten(load_config("configs/tiny.yaml", ["model.transformer.d_model=32", "train.max_updates=99"]))
+    assert shape_diff(a, b) == ["model.transformer.d_model"]

@@ -1,0 +1,50 @@
+"""Loss-scaler state machine and precision checks."""
+import pytest
+
+from dist_nmt.precision import LossScaler, PrecisionError, check_precision
+
+
+def test_grows_after_interval_of_clean_updates():
+    s = LossScaler(scale=8.0, growth_interval=3)
+    assert [s.update(True) for _ in range(3)] == [False, False, False]
+    assert s.scale == 16.0 and s.clean_updates == 0
+
+
+def test_overflow_skips_and_backs_off_and_resets_growth():
+    s = LossScaler(scale=8.0, growth_interval=3)
+    s.update(True)
+    s.update(True)
+    assert s.update(False) is True
+    assert s.scale == 4.0 and s.clean_updates == 0 and s.num_overflows == 1
+    s.update(True)
+    s.update(True)
+    assert s.scale == 4.0  # interval restarted after the overflow
+
+
+def test_minimum_scale_aborts_with_clear_message():
+    s = LossScaler(scale=2.0, min_scale=1.0)
+    s.update(False)  # 1.0: still allowed
+    with pytest.raises(PrecisionError, match="minimum loss scale 1.0 reached"):
+        s.update(False)
+
+
+def test_state_round_trip():
+    s = LossScaler(scale=64.0, growth_interval=5)
+    s.update(False)
+    s.update(True)
+    t = LossScaler()
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == {"scale": 32.0, "clean_updates": 1, "num_overflows": 1}
+
+
+def test_disabled_scaler_keeps_scale_one_but_still_skips():
+    s = LossScaler(enabled=False)
+    assert s.scale == 1.0
+    assert s.update(False) is True and s.scale == 1.0
+
+
+def test_fp16_on_cpu_refused_naming_alternative():
+    with pytest.raises(PrecisionError, match="precision.dtype=fp32"):
+        check_precision("fp16", on_gpu=False)
+    check_precision("fp16", on_gpu=True)
+    check_precision("fp32", on_gpu=False)
