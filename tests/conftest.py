@@ -9,11 +9,6 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "1")
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: long system tests (make test-slow)")
-
-
 @pytest.fixture(autouse=True)
 def _repo_root_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)

@@ -1,0 +1,114 @@
+"""Global steps across ranks: every rank runs the same number of batches, all ranks draw the same bucket each step.
+
+    stream = BatchStream(train.src_lengths, train.tgt_lengths, max_tokens=4096, seed=1, rank=world.rank,
+                         num_shards=world.size)
+    for epoch, index, batch in stream.iterate(epoch=0, index=0):   # resume: the saved (epoch, index + 1)
+        arrays = collate(train, batch)
+
+A global step is one batch per rank, all from the same bucket group (Horovod 0.28.1 for MXNet has no join: ranks must
+run identical step counts, or the job hangs). The order of sentences within buckets and of global steps is a pure
+function of (seed, epoch) through np.random.default_rng((seed, epoch)), so every rank computes the same epoch without
+communicating, and a resumed run continues exactly where it stopped. Every sentence appears exactly once per epoch
+across all ranks.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_nmt.data.batch import Batch, rows_for
+from dist_nmt.data.bucketing import BucketPlan, bucket_boundaries, plan_buckets
+
+CACHED_EPOCHS = 2  # an epoch boundary needs the current and the next epoch
+
+
+@dataclass(frozen=True)
+class _EpochLayout:
+    """All batches of one epoch, step-major (batch j of global step s is at s * num_shards + j)."""
+
+    order: np.ndarray  # sentence ids grouped by bucket group, shuffled within each group
+    starts: np.ndarray  # start of each batch in `order`
+    sizes: np.ndarray  # sentences in each batch
+    groups: np.ndarray  # group id of each batch
+
+
+def _epoch_layout(plan: BucketPlan, seed: int, epoch: int) -> _EpochLayout:
+    rng = np.random.default_rng((seed, epoch))
+    perm = rng.permutation(len(plan.group_of))
+    order = perm[np.argsort(plan.group_of[perm], kind="stable")]  # stable: keeps the shuffle within each group
+    counts = np.bincount(plan.group_of, minlength=len(plan.pad_lens))
+    sizes = np.concatenate([c // k + (np.arange(k) < c % k) for c, k in zip(counts, plan.num_batches, strict=True)])
+    starts = np.cumsum(sizes) - sizes
+    groups = np.repeat(np.arange(len(plan.pad_lens)), plan.num_batches)
+    num_steps = len(sizes) // plan.num_shards
+    step_order = rng.permutation(num_steps)
+    batch_order = (step_order[:, None] * plan.num_shards + np.arange(plan.num_shards)).ravel()
+    return _EpochLayout(order=order, starts=starts[batch_order], sizes=sizes[batch_order], groups=groups[batch_order])
+
+
+def _make_batch(plan: BucketPlan, layout: _EpochLayout, j: int) -> Batch:
+    start, size, group = int(layout.starts[j]), int(layout.sizes[j]), int(layout.groups[j])
+    pad_len = plan.pad_lens[group]
+    return Batch(indices=layout.order[start:start + size], src_pad_len=pad_len, tgt_pad_len=pad_len,
+                 bucket=plan.buckets[group], num_rows=rows_for(size, plan.rows_multiple))
+
+
+def make_global_batches(src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, num_shards: int,
+                        seed: int, epoch: int, boundaries: Sequence[int], rows_multiple: int = 8,
+                        ) -> list[tuple[Batch, ...]]:
+    """One epoch as global steps: a tuple of `num_shards` batches (rank r takes element r), all of one bucket."""
+    plan = plan_buckets(src_lengths, tgt_lengths, max_tokens, num_shards, boundaries, rows_multiple)
+    layout = _epoch_layout(plan, seed, epoch)
+    batches = [_make_batch(plan, layout, j) for j in range(len(layout.sizes))]
+    return [tuple(batches[s:s + num_shards]) for s in range(0, len(batches), num_shards)]
+
+
+class BatchStream:
+    """This rank's batches, epoch after epoch, resumable at any (epoch, index).
+
+    `boundaries` defaults to bucket_boundaries(longest pair in the data). Per-epoch batch lists are cached for the
+    last CACHED_EPOCHS epochs.
+    """
+
+    def __init__(self, src_lengths: np.ndarray, tgt_lengths: np.ndarray, max_tokens: int, seed: int, rank: int,
+                 num_shards: int, *, boundaries: Sequence[int] | None = None, rows_multiple: int = 8) -> None:
+        if not 0 <= rank < num_shards:
+            raise ValueError(f"rank {rank} is outside 0..{num_shards - 1} (num_shards={num_shards})")
+        if boundaries is None:
+            longest = int(max(np.max(src_lengths, initial=0), np.max(tgt_lengths, initial=0)))
+            boundaries = bucket_boundaries(longest)
+        self.boundaries = list(boundaries)
+        self.plan = plan_buckets(src_lengths, tgt_lengths, max_tokens, num_shards, self.boundaries, rows_multiple)
+        self.seed, self.rank, self.num_shards = seed, rank, num_shards
+        self._cache: dict[int, list[Batch]] = {}
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches this rank runs per epoch (the same on every rank, and in every epoch)."""
+        return self.plan.batches_per_shard
+
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        """This rank's batches of `epoch`, in order."""
+        if epoch not in self._cache:
+            layout = _epoch_layout(self.plan, self.seed, epoch)
+            mine = range(self.rank, len(layout.sizes), self.num_shards)
+            self._cache[epoch] = [_make_batch(self.plan, layout, j) for j in mine]
+            for old in sorted(self._cache)[:-CACHED_EPOCHS]:
+                del self._cache[old]
+        return self._cache[epoch]
+
+    def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, Batch]]:
+        """Yield (epoch, index, batch) forever, starting at batch `index` of `epoch`.
+
+        An index past the end of the epoch rolls over (index == batches_per_epoch is batch 0 of the next epoch).
+        """
+        if epoch < 0 or index < 0:
+            raise ValueError(f"epoch and index must be >= 0, got epoch={epoch}, index={index}")
+        epoch, index = epoch + index // self.batches_per_epoch, index % self.batches_per_epoch
+        while True:
+            batches = self.epoch_batches(epoch)
+            for i in range(index, len(batches)):
+                yield epoch, i, batches[i]
+            epoch, index = epoch + 1, 0
