@@ -36,8 +36,7 @@ def _load_run(run_dir: Path, params: str | None):
     import mxnet as mx
 
     from dist_nmt.config import load_config
-    from dist_nmt.data.dataset import vocab_path
-    from dist_nmt.data.vocab import Vocab
+    from dist_nmt.data import Vocab, vocab_path
     from dist_nmt.models import build_model
 
     cfg = load_config(run_dir / "config.yaml")

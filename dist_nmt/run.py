@@ -15,11 +15,17 @@ import numpy as np
 from dist_nmt import distributed
 from dist_nmt.checkpoint import Checkpointer, load_arrays, load_optimizer_state
 from dist_nmt.config import Config, config_hash, flatten, save_config, shape_diff
-from dist_nmt.data.batch import collate
-from dist_nmt.data.bucketing import Batch, BatchStream
-from dist_nmt.data.dataset import EncodedSplit, split_paths, vocab_path
-from dist_nmt.data.text import DataError, read_lines
-from dist_nmt.data.vocab import Vocab
+from dist_nmt.data import (
+    Batch,
+    BatchStream,
+    DataError,
+    EncodedSplit,
+    Vocab,
+    collate,
+    read_lines,
+    split_paths,
+    vocab_path,
+)
 from dist_nmt.decode import BeamConfig
 from dist_nmt.validate import DecodeJob, decode_and_score, dev_loss, sample_indices
 

@@ -11,6 +11,7 @@ the same number of updates from the same length bucket at each step; every decis
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -124,6 +125,16 @@ def _next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int,
     return (epoch + 1, 0) if index + 1 >= batches_per_epoch else (epoch, index + 1)
 
 
+def _nan_injection(spec: str, world_size: int) -> set[tuple[int, int]]:
+    """Fault injection for tests: "5,7@1" makes update 5 (all ranks) and update 7 (rank 1) produce NaN gradients."""
+    out: set[tuple[int, int]] = set()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        update, _, rank = item.partition("@")
+        ranks = [int(rank)] if rank else range(world_size)
+        out.update((int(update), r) for r in ranks)
+    return out
+
+
 def _seed_for(seed: int, update: int, rank: int) -> int:
     # Dropout masks are a pure function of (seed, update, rank): a resumed run draws exactly the same ones.
     return (seed * 1_000_003 + update * 7_919 + rank) % (2**31 - 1)
@@ -156,6 +167,7 @@ def train(cfg) -> dict:
     start_run_dir(cfg, world)
     writer = MetricsWriter(t.run_dir, world.is_primary)
     stop, start = StopSignal(), time.time()
+    injected = _nan_injection(os.environ.get("DIST_NMT_INJECT_NAN", ""), world.size)
     log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
              cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
              progress.batch_index)
@@ -180,7 +192,8 @@ def train(cfg) -> dict:
         mx.random.seed(_seed_for(t.seed, progress.update, world.rank))
         trainer.set_learning_rate(lr_at(progress.update, cfg.optim.lr, cfg.optim.warmup_updates,
                                         cfg.optim.warmup_init_lr))
-        stats = train_step(model, trainer, batches, ctx, scaler.scale, cfg.optim.clip_norm,
+        scale = scaler.scale * (float("nan") if (progress.update, world.rank) in injected else 1.0)
+        stats = train_step(model, trainer, batches, ctx, scale, cfg.optim.clip_norm,
                            cfg.optim.label_smoothing, num_tgt, world.size)
         _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)
         window.update(loss=window["loss"] + stats.loss_sum, nll=window["nll"] + stats.nll_sum,

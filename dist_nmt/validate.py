@@ -14,10 +14,7 @@ import mxnet as mx
 import numpy as np
 
 from dist_nmt import distributed
-from dist_nmt.data.batch import collate
-from dist_nmt.data.bucketing import Batch
-from dist_nmt.data.dataset import EncodedSplit
-from dist_nmt.data.vocab import Vocab
+from dist_nmt.data import Batch, EncodedSplit, Vocab, collate
 from dist_nmt.decode import BeamConfig
 from dist_nmt.evaluate import sacre_scores, tokenized_bleu
 from dist_nmt.loss import label_smoothed_nll

@@ -21,6 +21,10 @@ import numpy as np
 from dist_nmt.data.text import DataError
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def bucket_boundaries(max_len: int, step: int = 8) -> list[int]:
     """Bucket upper boundaries: multiples of `step` up to the first >= max_len + 1 (a sentence of max_len + EOS)."""
     if max_len < 0 or step <= 0:
@@ -84,10 +88,6 @@ def _merge_small(counts: np.ndarray, num_shards: int) -> list[list[int]]:
         raise DataError(f"only {int(counts.sum())} sentences for num_shards={num_shards}: every rank needs at "
                         "least one sentence per step; use fewer processes or more data")
     return groups
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def max_rows_for(pad_len: int, max_tokens: int, rows_multiple: int) -> int:

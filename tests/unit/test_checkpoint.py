@@ -5,8 +5,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from dist_nmt.checkpoint import (CheckpointError, Checkpointer, average_params, load_arrays, load_optimizer_state,
-                                 verify)
+from dist_nmt.checkpoint import Checkpointer, CheckpointError, average_params, load_arrays, load_optimizer_state, verify
 
 
 def _net_and_trainer():

@@ -1,7 +1,6 @@
 """Label-smoothed cross-entropy against a hand computation; padding is ignored."""
 import math
 
-
 import mxnet as mx
 import numpy as np
 import pytest

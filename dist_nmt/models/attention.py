@@ -1,0 +1,144 @@
+"""Multi-head scaled dot-product attention: softmax(Q Kᵀ / √d_k) V, masked by valid lengths.
+
+Shapes: B batch, N = rows of one decode step (B*K under beam search), T query length, S key length,
+L cached self-attention length, D model dim, H heads, d_k = D / H.
+
+Masks are never materialised: every softmax gets per-row valid lengths (`lengths`, int32, one per query row)
+and ignores keys at positions >= length. Padding masks use the source valid length; the decoder's causal
+mask uses length t+1 for query position t. Lengths are clipped to >= 1 so dummy rows stay finite.
+
+Two code paths share the same parameters:
+- `hybrid_forward` attends whole sequences (training, teacher forcing).
+- `step` attends one query per row against cached keys/values (incremental decoding). The self-attention
+  cache keeps the newest key first and one always-masked dummy slot last, so the valid prefix is exactly
+  the first t+1 slots and a length mask suffices (key order does not matter to attention).
+"""
+from __future__ import annotations
+
+import math
+
+from mxnet import init
+from mxnet.gluon import HybridBlock, nn
+
+
+def split_heads(F, x, num_heads: int, num_parts: int):
+    """(B, T, num_parts*D) -> num_parts arrays of (B*H, T, d_k)."""
+    x = F.reshape(x, shape=(0, 0, num_parts, num_heads, -1))  # (B, T, P, H, d_k)
+    x = F.transpose(x, axes=(2, 0, 3, 1, 4))  # (P, B, H, T, d_k)
+    x = F.reshape(x, shape=(0, -3, 0, 0))  # (P, B*H, T, d_k)
+    if num_parts == 1:
+        return [F.reshape(x, shape=(-3, 0, 0))]  # (B*H, T, d_k)
+    return list(F.split(x, num_outputs=num_parts, axis=0, squeeze_axis=True))
+
+
+def merge_heads(F, x, num_heads: int):
+    """(B*H, T, d_k) -> (B, T, D)."""
+    x = F.reshape(x, shape=(-4, -1, num_heads, 0, 0))  # (B, H, T, d_k)
+    x = F.transpose(x, axes=(0, 2, 1, 3))  # (B, T, H, d_k)
+    return F.reshape(x, shape=(0, 0, -3))  # (B, T, D)
+
+
+def head_lengths(F, lengths, num_heads: int):
+    """Per-query valid key lengths (B, T) float -> (B*H, T) int32, clipped to >= 1 (dummy rows stay finite)."""
+    lengths = F.broadcast_axis(F.expand_dims(lengths, axis=1), axis=1, size=num_heads)  # (B, H, T)
+    lengths = F.clip(F.reshape(lengths, shape=(-3, 0)), 1, 1e9)  # (B*H, T)
+    return F.cast(lengths, dtype="int32")
+
+
+def attend(F, q, k, v, lengths, dropout: float, d_k: int):
+    """Scaled dot-product attention over whole sequences.
+
+    q (B*H, T, d_k), k and v (B*H, S, d_k), lengths (B*H, T) int32 -> context (B*H, T, d_k).
+    The 1/√d_k scale is folded into the softmax temperature (no extra pass over the scores).
+    """
+    scores = F.batch_dot(q, k, transpose_b=True)  # (B*H, T, S)
+    probs = F.softmax(scores, length=lengths, use_length=True, axis=-1, temperature=math.sqrt(d_k))
+    if dropout:
+        probs = F.Dropout(probs, p=dropout)
+    return F.batch_dot(probs, v)  # (B*H, T, d_k)
+
+
+def attend_step(F, q, k, v, lengths, d_k: int):
+    """One query per row against cached keys.
+
+    q (N, H, d_k), k and v (N, H, L, d_k), lengths (N*H, 1) int32 -> context (N, D), probs (N, H, L).
+    The key matrix is the left operand (a batched matrix-vector product), measured faster than q·Kᵀ here.
+    """
+    q = F.reshape(q, shape=(-3, 1, 0))  # (N*H, 1, d_k)
+    k = F.reshape(k, shape=(-3, 0, 0))  # (N*H, L, d_k)
+    v = F.reshape(v, shape=(-3, 0, 0))  # (N*H, L, d_k)
+    scores = F.reshape(F.batch_dot(k, q, transpose_b=True), shape=(0, 1, -1))  # (N*H, 1, L)
+    probs = F.softmax(scores, length=lengths, use_length=True, axis=-1, temperature=math.sqrt(d_k))
+    ctx = F.batch_dot(v, probs, transpose_a=True, transpose_b=True)  # (N*H, d_k, 1)
+    return ctx, probs
+
+
+def _dense(units: int, prefix: str, use_bias: bool = True) -> nn.Dense:
+    """FullyConnected on the last axis (oneDNN), Glorot-uniform weights."""
+    return nn.Dense(units, flatten=False, use_bias=use_bias, prefix=prefix,
+                    weight_initializer=init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3))
+
+
+class SelfAttention(HybridBlock):
+    """Multi-head self-attention with one fused Q/K/V projection (one large GEMM instead of three).
+
+    Glorot init on the fused (3D, D) weight gives each part the 1/√2 gain fairseq applies to Q, K and V.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
+        self.attention_dropout = attention_dropout
+        with self.name_scope():
+            self.qkv = _dense(3 * d_model, "qkv_")
+            self.out = _dense(d_model, "out_")
+
+    def hybrid_forward(self, F, x, lengths):
+        """x (B, T, D), lengths (B*H, T) int32 -> (B, T, D)."""
+        q, k, v = split_heads(F, self.qkv(x), self.num_heads, 3)  # 3 x (B*H, T, d_k)
+        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k)
+        return self.out(merge_heads(F, ctx, self.num_heads))
+
+    def step(self, F, x, k_cache, v_cache, lengths):
+        """x (N, D), caches (N, H, t+1, d_k) newest first, lengths (N*H, 1) -> out (N, D), new caches."""
+        qkv = F.reshape(self.qkv(x), shape=(0, 3, self.num_heads, -1))  # (N, 3, H, d_k)
+        q, k, v = F.split(qkv, num_outputs=3, axis=1, squeeze_axis=True)  # 3 x (N, H, d_k)
+        k_cache = F.concat(F.expand_dims(k, axis=2), k_cache, dim=2)  # (N, H, t+2, d_k)
+        v_cache = F.concat(F.expand_dims(v, axis=2), v_cache, dim=2)  # (N, H, t+2, d_k)
+        ctx, _ = attend_step(F, q, k_cache, v_cache, lengths, self.d_k)
+        return self.out(F.reshape(ctx, shape=(-1, self.d_model))), k_cache, v_cache  # (N, D)
+
+
+class CrossAttention(HybridBlock):
+    """Multi-head encoder-decoder attention; keys and values come from one fused K/V projection."""
+
+    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
+        self.attention_dropout = attention_dropout
+        with self.name_scope():
+            self.q = _dense(d_model, "q_")
+            self.kv = _dense(2 * d_model, "kv_")
+            self.out = _dense(d_model, "out_")
+
+    def hybrid_forward(self, F, x, mem, lengths):
+        """x (B, T, D), mem (B, S, D), lengths (B*H, T) int32 -> (B, T, D)."""
+        (q,) = split_heads(F, self.q(x), self.num_heads, 1)  # (B*H, T, d_k)
+        k, v = split_heads(F, self.kv(mem), self.num_heads, 2)  # 2 x (B*H, S, d_k)
+        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k)
+        return self.out(merge_heads(F, ctx, self.num_heads))
+
+    def project_memory(self, F, mem):
+        """mem (B, S, D) -> keys, values (B, H, S, d_k): computed once per source, reused every step."""
+        kv = F.reshape(self.kv(mem), shape=(0, 0, 2, self.num_heads, -1))  # (B, S, 2, H, d_k)
+        kv = F.transpose(kv, axes=(2, 0, 3, 1, 4))  # (2, B, H, S, d_k)
+        k, v = F.split(kv, num_outputs=2, axis=0, squeeze_axis=True)
+        return k, v
+
+    def step(self, F, x, mem_k, mem_v, lengths):
+        """x (N, D), mem_k/mem_v (N, H, S, d_k), lengths (N*H, 1) -> out (N, D), probs (N, H, S)."""
+        q = F.reshape(self.q(x), shape=(0, self.num_heads, -1))  # (N, H, d_k)
+        ctx, probs = attend_step(F, q, mem_k, mem_v, lengths, self.d_k)
+        out = self.out(F.reshape(ctx, shape=(-1, self.d_model)))  # (N, D)
+        return out, F.reshape(probs, shape=(-4, -1, self.num_heads, -1))  # (N, H, S)
+
