@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 1
     max_tokens: int = 4096
     accum_steps: int = 1
+    data_shards: int = 0
     max_updates: int = 0
     max_epochs: int = 0
     max_time_minutes: float = 0.0

@@ -34,15 +34,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunData:
-    """Prepared data a run needs: vocabulary, encoded train/dev splits, this rank's batch stream, dev text."""
+    """Prepared data a run needs: vocabulary, encoded train/dev splits, this rank's batch streams, dev text.
+
+    The global batch is `data_shards` batches (default: one per rank) of at most `train.max_tokens` each, times
+    `train.accum_steps`. Each rank runs `data_shards / world_size` of the shards as extra micro-batches, so a fixed
+    `train.data_shards` gives bit-for-bit the same global batches on any world size that divides it (resume a 4-rank
+    checkpoint on 2 ranks, or check a 2-rank run against a 1-rank run).
+    """
 
     vocab: Vocab
     train: EncodedSplit
     dev: EncodedSplit
-    stream: BatchStream
+    streams: list[BatchStream]
     dev_batches: list[Batch]
     dev_sources: list[str]
     dev_references: list[str]
+    data_shards: int
 
     @classmethod
     def load(cls, cfg: Config, world: distributed.World) -> RunData:
@@ -51,22 +58,27 @@ class RunData:
         if not (prepared / "manifest.json").is_file():
             raise DataError(f"no prepared data in {prepared} (data.prepared_dir); run "
                             f"`dist-nmt prepare --config <your config>` first")
+        shards = cfg.train.data_shards or world.size
+        if shards % world.size:
+            raise DataError(f"train.data_shards={shards} must be a multiple of the number of processes "
+                            f"({world.size}); use a multiple of {world.size}, or 0 for one shard per rank")
         train, dev = EncodedSplit.load(prepared, "train"), EncodedSplit.load(prepared, "dev")
-        stream = BatchStream(train.src_lengths, train.tgt_lengths, cfg.train.max_tokens, cfg.train.seed,
-                             world.rank, world.size)
+        per_rank = shards // world.size
+        streams = [BatchStream(train.src_lengths, train.tgt_lengths, cfg.train.max_tokens, cfg.train.seed,
+                               world.rank * per_rank + i, shards) for i in range(per_rank)]
         dev_stream = BatchStream(dev.src_lengths, dev.tgt_lengths, cfg.train.max_tokens, 0, world.rank, world.size)
         src_path, tgt_path = split_paths(cfg.data, "dev")
-        return cls(Vocab.load(vocab_path(prepared)), train, dev, stream, dev_stream.epoch_batches(0),
-                   list(read_lines(src_path)), list(read_lines(tgt_path)))
+        return cls(Vocab.load(vocab_path(prepared)), train, dev, streams, dev_stream.epoch_batches(0),
+                   list(read_lines(src_path)), list(read_lines(tgt_path)), shards)
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches per epoch on each rank (equal on every rank by construction)."""
-        return self.stream.batches_per_epoch
+        """Global steps per epoch (equal on every rank by construction)."""
+        return self.streams[0].batches_per_epoch
 
-    def batch_at(self, epoch: int, index: int) -> Batch:
-        """This rank's batch at data position (epoch, index)."""
-        return self.stream.epoch_batches(epoch)[index]
+    def batches_at(self, epoch: int, index: int) -> list[Batch]:
+        """This rank's batches (one per local data shard, all of one bucket) at data position (epoch, index)."""
+        return [stream.epoch_batches(epoch)[index] for stream in self.streams]
 
     def collate_train(self, batch: Batch) -> dict:
         """numpy arrays for one training batch."""
@@ -100,12 +112,14 @@ def restore(cfg: Config, model, trainer, scaler, checkpointer: Checkpointer, wor
     load_optimizer_state(trainer, arrays, state["optimizer_update_counts"], ctx)
     scaler.load_state_dict(state["scaler"])
     progress = Progress(**state["progress"])
-    if state["world_size"] != world.size:
-        # Batches are defined per world size: continue the same epoch at the same fraction of it.
+    if state["batches_per_epoch"] != batches_per_epoch:
+        # The global batch changed (data shards = world size, and the world size changed): continue the same
+        # epoch at the same fraction of it. With a fixed train.data_shards this never happens.
         fraction = progress.batch_index / max(1, state["batches_per_epoch"])
         progress.batch_index = min(int(fraction * batches_per_epoch), batches_per_epoch - 1)
-        log.warning("resuming a %d-process checkpoint on %d processes: epoch %d continues at batch %d of %d",
-                    state["world_size"], world.size, progress.epoch, progress.batch_index, batches_per_epoch)
+        log.warning("resuming a %d-process checkpoint on %d processes with a different global batch: epoch %d "
+                    "continues at step %d of %d (set train.data_shards to keep batches identical across world sizes)",
+                    state["world_size"], world.size, progress.epoch + 1, progress.batch_index, batches_per_epoch)
     log.info("resumed from %s at update %d", path, progress.update)
     return progress
 
@@ -195,3 +209,32 @@ def evaluate_test(cfg: Config, model, data: RunData, checkpointer: Checkpointer,
                  scores["model"], len(hyps), scores["bleu"], scores["chrf"], tok, scores["bleu_signature"])
     writer.write("test", update, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
     return scores
+
+
+def params_digest(model) -> str:
+    """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical parameters."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    params = model.collect_params()
+    for name in sorted(params.keys()):
+        digest.update(params[name].data().asnumpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_consistency(model, world: distributed.World, update: int) -> None:
+    """Abort if any rank's parameters differ from rank 0's (a desynchronised job trains garbage silently)."""
+    from dist_nmt.train import TrainingError
+
+    digests = distributed.allgather_object(params_digest(model), name=f"digest.{update}")
+    bad = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if bad:
+        raise TrainingError(f"parameters diverged across ranks at update {update}: ranks {bad} differ from rank 0. "
+                            "This is a bug or a hardware fault; resume from the last checkpoint.")
+    log.info("update %d: parameters identical on all %d ranks (sha256 %s)", update, world.size, digests[0][:12])
+
+
+def dump_params(model, directory: str, world: distributed.World) -> None:
+    """Test hook (DIST_NMT_DUMP_PARAMS=dir): every rank writes its parameters to dir/rank<r>.params."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    model.save_parameters(str(Path(directory) / f"rank{world.rank}.params"), deduplicate=True)

@@ -147,7 +147,17 @@ def train(cfg) -> dict:
     from dist_nmt.checkpoint import Checkpointer
     from dist_nmt.metrics import MetricsWriter, setup_logging
     from dist_nmt.precision import LossScaler, check_precision
-    from dist_nmt.run import RunData, evaluate_test, log_update, restore, save, start_run_dir, validate
+    from dist_nmt.run import (
+        RunData,
+        check_consistency,
+        dump_params,
+        evaluate_test,
+        log_update,
+        restore,
+        save,
+        start_run_dir,
+        validate,
+    )
     from dist_nmt.schedule import lr_at
 
     t, world = cfg.train, distributed.init_world(
@@ -176,9 +186,9 @@ def train(cfg) -> dict:
     while not reason:
         batches, slots = [], 0
         for _ in range(t.accum_steps):
-            batch = data.batch_at(progress.epoch, progress.batch_index)
-            batches.append(data.collate_train(batch))
-            slots += batch.src_pad_len * batches[-1]["src"].shape[0]
+            for batch in data.batches_at(progress.epoch, progress.batch_index):
+                batches.append(data.collate_train(batch))
+                slots += batch.src_pad_len * batches[-1]["src"].shape[0]
             progress.epoch, progress.batch_index = _next_position(
                 progress.epoch, progress.batch_index, data.batches_per_epoch)
         out_of_time = bool(t.max_time_minutes) and (time.time() - start) / 60 >= t.max_time_minutes
@@ -205,6 +215,9 @@ def train(cfg) -> dict:
             is_best = validate(cfg, model, data, progress, writer, world, ctx)
             if t.patience and progress.evals_without_improvement >= t.patience:
                 reason = "patience"
+        if cfg.dist.consistency_check_every_updates and \
+                progress.update % cfg.dist.consistency_check_every_updates == 0:
+            check_consistency(model, world, progress.update)
         if progress.update % t.save_every_updates == 0 or is_best:
             save(checkpointer, model, trainer, progress, scaler, cfg, world, data.batches_per_epoch, is_best)
         if t.max_updates and progress.update >= t.max_updates:
@@ -213,6 +226,8 @@ def train(cfg) -> dict:
             reason = "max_epochs"
     log.info("stopping at update %d: %s", progress.update, reason)
     save(checkpointer, model, trainer, progress, scaler, cfg, world, data.batches_per_epoch, False)
+    if os.environ.get("DIST_NMT_DUMP_PARAMS"):
+        dump_params(model, os.environ["DIST_NMT_DUMP_PARAMS"], world)
     summary = {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,
                "skipped_updates": progress.num_skipped_updates, "completed": reason != "signal"}
     if reason != "signal":

@@ -65,7 +65,11 @@ class Vocab:
         return self._sp.encode(list(texts), out_type=int)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-        """Detokenized text of `ids`: stops at the first EOS and skips PAD and BOS."""
+        """Detokenized text of `ids`: stops at the first EOS and skips PAD and BOS.
+
+        The text is what `encode` saw after sentencepiece's nmt_nfkc normalisation (NFKC, whitespace runs collapsed,
+        no leading/trailing spaces), so `decode(encode(s)) == s` for normalised text without unknown characters.
+        """
         ids = [int(i) for i in ids]
         if EOS_ID in ids:
             ids = ids[:ids.index(EOS_ID)]

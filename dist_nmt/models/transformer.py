@@ -1,0 +1,274 @@
+"""Transformer encoder-decoder (Vaswani et al., 2017) with one shared vocabulary and incremental decoding.
+
+Shapes: B batch, S source length, T target length, D model dim, H heads, d_k = D / H, V vocab,
+N rows of one decode step (B*K under beam search), F feed-forward dim.
+
+    model = TransformerModel(TransformerHParams(num_enc_layers=2, num_dec_layers=2, d_model=64, d_ff=128,
+                                                num_heads=4), vocab_size=100)
+    model.initialize()
+    model.hybridize(static_alloc=True)
+    logits = model(src, src_valid_len, tgt_in, tgt_valid_len)        # (B, T, V)
+    states = model.init_decode_states(model.encode(src, src_valid_len), max_len=50)
+    log_probs, states, attn = model.decode_step(bos_tokens, states)  # (B, V), [...], (B, S)
+
+Post-norm (default, the paper's layout) or pre-norm (`pre_norm`, with a final LayerNorm on each stack).
+Positions are sinusoidal and computed on the fly, so no length table is stored (`max_positions` bounds
+nothing here). Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection
+reuses it when `tie_embeddings` (no output bias either way).
+"""
+from __future__ import annotations
+
+import math
+
+import mxnet as mx
+from mxnet import init
+from mxnet.gluon import HybridBlock, nn
+
+from dist_nmt.models.attention import CrossAttention, SelfAttention, _dense, head_lengths
+from dist_nmt.models.hparams import TransformerHParams
+
+
+def positional_encoding(F, positions, d_model: int):
+    """Sinusoidal position vectors [sin(p·ω) | cos(p·ω)], ω_i = 10000^(-2i/D): positions (P,) -> (P, D)."""
+    inv_freq = F.exp(F.arange(0, d_model // 2) * (-2.0 * math.log(10000.0) / d_model))  # (D/2,)
+    angles = F.broadcast_mul(F.reshape(positions, shape=(-1, 1)), F.reshape(inv_freq, shape=(1, -1)))
+    return F.concat(F.sin(angles), F.cos(angles), dim=1)  # (P, D)
+
+
+def residual(F, x, norm, fn, pre_norm: bool, dropout: float):
+    """x + dropout(fn(x)) with LayerNorm after (post-norm) or on fn's input (pre-norm).
+
+    `fn` returns a tuple (out, *extras); returns (new x, extras).
+    """
+    out = fn(norm(x) if pre_norm else x)
+    h = F.Dropout(out[0], p=dropout) if dropout else out[0]
+    x = x + h
+    return (x if pre_norm else norm(x)), out[1:]
+
+
+class FeedForward(HybridBlock):
+    """relu(x W1 + b1) W2 + b2 with optional dropout on the hidden activation."""
+
+    def __init__(self, d_model: int, d_ff: int, activation_dropout: float, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.activation_dropout = activation_dropout
+        with self.name_scope():
+            self.fc1 = _dense(d_ff, "fc1_")
+            self.fc2 = _dense(d_model, "fc2_")
+
+    def hybrid_forward(self, F, x):
+        """x (..., D) -> (..., D)."""
+        h = F.relu(self.fc1(x))  # (..., F)
+        if self.activation_dropout:
+            h = F.Dropout(h, p=self.activation_dropout)
+        return self.fc2(h)
+
+
+def _norm(prefix: str) -> nn.LayerNorm:
+    return nn.LayerNorm(prefix=prefix)
+
+
+class EncoderLayer(HybridBlock):
+    """Self-attention then feed-forward, each wrapped by `residual`."""
+
+    def __init__(self, hp: TransformerHParams, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.pre_norm, self.dropout = hp.pre_norm, hp.dropout
+        with self.name_scope():
+            self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_")
+            self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
+            self.norm1, self.norm2 = _norm("norm1_"), _norm("norm2_")
+
+    def hybrid_forward(self, F, x, lengths):
+        """x (B, S, D), lengths (B*H, S) int32 -> (B, S, D)."""
+        x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, lengths),), self.pre_norm, self.dropout)
+        x, _ = residual(F, x, self.norm2, lambda h: (self.ffn(h),), self.pre_norm, self.dropout)
+        return x
+
+
+class DecoderLayer(HybridBlock):
+    """Causal self-attention, cross-attention, feed-forward; `step` is the same layer for one position."""
+
+    def __init__(self, hp: TransformerHParams, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.pre_norm, self.dropout = hp.pre_norm, hp.dropout
+        with self.name_scope():
+            self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_")
+            self.cross_attn = CrossAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="crossatt_")
+            self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
+            self.norm1, self.norm2, self.norm3 = _norm("norm1_"), _norm("norm2_"), _norm("norm3_")
+
+    def hybrid_forward(self, F, x, self_lengths, mem, mem_lengths):
+        """x (B, T, D), self_lengths (B*H, T), mem (B, S, D), mem_lengths (B*H, T) -> (B, T, D)."""
+        pre, drop = self.pre_norm, self.dropout
+        x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, self_lengths),), pre, drop)
+        x, _ = residual(F, x, self.norm2, lambda h: (self.cross_attn(h, mem, mem_lengths),), pre, drop)
+        x, _ = residual(F, x, self.norm3, lambda h: (self.ffn(h),), pre, drop)
+        return x
+
+    def step(self, F, x, k_cache, v_cache, self_lengths, mem_k, mem_v, mem_lengths):
+        """x (N, D), caches (N, H, t+1, d_k), mem_k/mem_v (N, H, S, d_k), lengths (N*H, 1).
+
+        Returns x (N, D), new caches (N, H, t+2, d_k) and cross-attention probs (N, H, S).
+        """
+        pre, drop = self.pre_norm, self.dropout
+        x, (k_cache, v_cache) = residual(
+            F, x, self.norm1, lambda h: self.self_attn.step(F, h, k_cache, v_cache, self_lengths), pre, drop)
+        x, (probs,) = residual(
+            F, x, self.norm2, lambda h: self.cross_attn.step(F, h, mem_k, mem_v, mem_lengths), pre, drop)
+        x, _ = residual(F, x, self.norm3, lambda h: (self.ffn(h),), pre, drop)
+        return x, k_cache, v_cache, probs
+
+
+def embed_sequence(F, embed, tokens, d_model: int, dropout: float):
+    """√D-scaled shared embedding plus sinusoidal positions: tokens (B, T) -> (B, T, D), positions (T,)."""
+    x = embed(tokens) * math.sqrt(d_model)  # (B, T, D)
+    positions = F.contrib.arange_like(x, axis=1)  # (T,)
+    x = F.broadcast_add(x, F.expand_dims(positional_encoding(F, positions, d_model), axis=0))
+    return (F.Dropout(x, p=dropout) if dropout else x), positions
+
+
+def lengths_like(F, lengths, x):
+    """Repeat per-row lengths (B,) along x's time axis: x (B, T, D) -> (B, T)."""
+    return F.broadcast_like(F.reshape(lengths, shape=(-1, 1)), x, lhs_axes=(1,), rhs_axes=(1,))
+
+
+class TransformerEncoder(HybridBlock):
+    """Embedding + N encoder layers (+ final LayerNorm when pre-norm)."""
+
+    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.hp = hp
+        with self.name_scope():
+            self.embed = embed
+            self.layers = nn.HybridSequential(prefix="")
+            for i in range(hp.num_enc_layers):
+                self.layers.add(EncoderLayer(hp, prefix=f"layer{i}_"))
+            self.final_norm = _norm("final_norm_") if hp.pre_norm else None
+
+    def hybrid_forward(self, F, src, src_valid_len):
+        """src (B, S) token ids, src_valid_len (B,) -> encoder output (B, S, D)."""
+        hp = self.hp
+        x, _ = embed_sequence(F, self.embed, src, hp.d_model, hp.dropout)  # (B, S, D)
+        lengths = head_lengths(F, lengths_like(F, src_valid_len, x), hp.num_heads)  # (B*H, S)
+        for layer in self.layers:
+            x = layer(x, lengths)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+class TransformerDecoder(HybridBlock):
+    """Embedding + N decoder layers (+ final LayerNorm when pre-norm) + output projection, teacher forced."""
+
+    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.hp = hp
+        with self.name_scope():
+            self.embed, self.proj = embed, proj
+            self.layers = nn.HybridSequential(prefix="")
+            for i in range(hp.num_dec_layers):
+                self.layers.add(DecoderLayer(hp, prefix=f"layer{i}_"))
+            self.final_norm = _norm("final_norm_") if hp.pre_norm else None
+
+    def hybrid_forward(self, F, tgt_in, tgt_valid_len, mem, src_valid_len):
+        """tgt_in (B, T), tgt_valid_len (B,), mem (B, S, D), src_valid_len (B,) -> logits (B, T, V)."""
+        hp = self.hp
+        x, positions = embed_sequence(F, self.embed, tgt_in, hp.d_model, hp.dropout)  # (B, T, D)
+        # Causal mask as lengths: query t sees keys 0..t. Padded queries (t >= tgt_valid_len) are never seen by
+        # valid ones, so no extra padding mask is needed.
+        causal = F.broadcast_like(F.reshape(positions + 1, shape=(1, -1)), x, lhs_axes=(0,), rhs_axes=(0,))
+        self_lengths = head_lengths(F, causal, hp.num_heads)  # (B*H, T)
+        mem_lengths = head_lengths(F, lengths_like(F, src_valid_len, x), hp.num_heads)  # (B*H, T)
+        for layer in self.layers:
+            x = layer(x, self_lengths, mem, mem_lengths)
+        x = self.final_norm(x) if self.final_norm is not None else x
+        # Zero padded positions so their logits are exactly 0 (finite, uniform) whatever the inputs there.
+        x = F.SequenceMask(x, sequence_length=tgt_valid_len, use_sequence_length=True, axis=1)
+        return self.proj(x)  # (B, T, V)
+
+
+class DecoderStep(HybridBlock):
+    """One incremental decoder step sharing every parameter with `decoder` (hybridized on its own)."""
+
+    def __init__(self, decoder: TransformerDecoder, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.hp = decoder.hp
+        with self.name_scope():
+            self.decoder = decoder
+
+    def hybrid_forward(self, F, tokens, step, src_valid_len, *caches):
+        """tokens (N,), step (N,) position of `tokens`, src_valid_len (N,), caches = mem k/v per layer
+        (N, H, S, d_k) then self k/v per layer (N, H, t+1, d_k).
+
+        Returns [log_probs (N, V), attn (N, S), step + 1, new self k/v per layer (N, H, t+2, d_k)...].
+        """
+        hp, dec = self.hp, self.decoder
+        x = dec.embed(tokens) * math.sqrt(hp.d_model) + positional_encoding(F, step, hp.d_model)  # (N, D)
+        self_lengths = head_lengths(F, F.reshape(step + 1, shape=(-1, 1)), hp.num_heads)  # (N*H, 1)
+        mem_lengths = head_lengths(F, F.reshape(src_valid_len, shape=(-1, 1)), hp.num_heads)  # (N*H, 1)
+        num_layers = len(dec.layers)
+        mem, cache = caches[:2 * num_layers], caches[2 * num_layers:]
+        new_cache = []
+        for i, layer in enumerate(dec.layers):
+            x, k, v, probs = layer.step(F, x, cache[2 * i], cache[2 * i + 1], self_lengths,
+                                        mem[2 * i], mem[2 * i + 1], mem_lengths)
+            new_cache += [k, v]
+        x = dec.final_norm(x) if dec.final_norm is not None else x
+        log_probs = F.log_softmax(dec.proj(x), axis=-1)  # (N, V)
+        attn = F.mean(probs, axis=1)  # (N, S): last layer, averaged over heads
+        return [log_probs, attn, step + 1] + new_cache
+
+
+class TransformerModel(HybridBlock):
+    """The dist_nmt model contract (see `dist_nmt.models`): forward, encode, init_decode_states, decode_step."""
+
+    def __init__(self, hparams: TransformerHParams, vocab_size: int, prefix: str = "transformer_"):
+        super().__init__(prefix=prefix)
+        hp = self.hp = hparams
+        if hp.d_model % hp.num_heads or hp.d_model % 2:
+            raise ValueError(f"d_model={hp.d_model} must be even and divisible by num_heads={hp.num_heads}")
+        with self.name_scope():
+            self.embed = nn.Embedding(vocab_size, hp.d_model, prefix="embed_",
+                                      weight_initializer=init.Normal(hp.d_model ** -0.5))
+            if hp.tie_embeddings:  # same Parameter object, so the same name and one gradient
+                self.proj = nn.Dense(vocab_size, flatten=False, use_bias=False, params=self.embed.params)
+            else:
+                self.proj = _dense(vocab_size, "proj_", use_bias=False)
+            self.encoder = TransformerEncoder(hp, self.embed, prefix="enc_")
+            self.decoder = TransformerDecoder(hp, self.embed, self.proj, prefix="dec_")
+            self.step_block = DecoderStep(self.decoder, prefix="step_")
+
+    def hybrid_forward(self, F, src, src_valid_len, tgt_in, tgt_valid_len):
+        """src (B, S), src_valid_len (B,), tgt_in (B, T), tgt_valid_len (B,) -> logits (B, T, V) float32."""
+        mem = self.encoder(src, src_valid_len)
+        return self.decoder(tgt_in, tgt_valid_len, mem, src_valid_len)
+
+    def encode(self, src, src_valid_len) -> list:
+        """Encoder states [memory (B, S, D), src_valid_len (B,)], batch-first."""
+        return [self.encoder(src, src_valid_len), src_valid_len]
+
+    def init_decode_states(self, enc_states: list, max_len: int) -> list:
+        """[step (B,), src_valid_len (B,), mem k/v per layer (B, H, S, d_k), self k/v per layer (B, H, 1, d_k)].
+
+        The self-attention caches start with one masked dummy slot and grow by one slot per step, so
+        `max_len` is not needed to size them. All states are batch-first.
+        """
+        mem, src_valid_len = enc_states
+        hp, batch = self.hp, mem.shape[0]
+        mem_kv = []
+        for layer in self.decoder.layers:
+            mem_kv += layer.cross_attn.project_memory(mx.nd, mem)
+        empty = mx.nd.zeros((batch, hp.num_heads, 1, hp.d_model // hp.num_heads), ctx=mem.context)
+        step = mx.nd.zeros((batch,), ctx=mem.context)
+        return [step, src_valid_len.astype("float32")] + mem_kv + [empty] * (2 * hp.num_dec_layers)
+
+    @property
+    def static_decode_states(self) -> tuple[int, ...]:
+        """Indices of decode states that are the same for every beam of a sentence (never need reordering)."""
+        return tuple(range(1, 2 + 2 * self.hp.num_dec_layers))
+
+    def decode_step(self, tokens, states: list):
+        """tokens (N,) -> (log_probs (N, V), new states, attn (N, S) last-layer cross-attention, head mean)."""
+        num_static = 2 + 2 * self.hp.num_dec_layers
+        out = self.step_block(tokens, *states)
+        log_probs, attn, step, new_cache = out[0], out[1], out[2], out[3:]
+        return log_probs, [step] + list(states[1:num_static]) + list(new_cache), attn
