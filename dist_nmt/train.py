@@ -143,6 +143,7 @@ def _seed_for(seed: int, update: int, rank: int) -> int:
 def train(cfg) -> dict:
     """Train `cfg` to completion (or until stopped), checkpointing in `cfg.train.run_dir`; return a summary."""
     import mxnet as mx
+    from tqdm import tqdm
 
     from dist_nmt.checkpoint import Checkpointer
     from dist_nmt.metrics import MetricsWriter, setup_logging
@@ -181,6 +182,8 @@ def train(cfg) -> dict:
     log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
              cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
              progress.batch_index)
+    bar = tqdm(total=t.max_updates or None, initial=progress.update, unit="upd", dynamic_ncols=True,
+               disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
     window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "slots": 0.0}
     reason = ""
     while not reason:
@@ -206,6 +209,7 @@ def train(cfg) -> dict:
         stats = train_step(model, trainer, batches, ctx, scale, cfg.optim.clip_norm,
                            cfg.optim.label_smoothing, num_tgt, world.size)
         _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)
+        bar.update(1)
         window.update(loss=window["loss"] + stats.loss_sum, nll=window["nll"] + stats.nll_sum,
                       tgt=window["tgt"] + num_tgt, src=window["src"] + num_src, slots=window["slots"] + slots)
         if progress.update % t.log_every_updates == 0:
@@ -224,6 +228,7 @@ def train(cfg) -> dict:
             reason = "max_updates"
         elif t.max_epochs and progress.epoch >= t.max_epochs:
             reason = "max_epochs"
+    bar.close()
     log.info("stopping at update %d: %s", progress.update, reason)
     save(checkpointer, model, trainer, progress, scaler, cfg, world, data.batches_per_epoch, False)
     if os.environ.get("DIST_NMT_DUMP_PARAMS"):

@@ -64,7 +64,7 @@ def attend_step(F, q, k, v, lengths, d_k: int):
     q (N, H, d_k), k and v (N, H, L, d_k), lengths (N*H, 1) int32 -> context (N, D), probs (N, H, L).
     The key matrix is the left operand (a batched matrix-vector product), measured faster than q·Kᵀ here.
     """
-    q = F.reshape(q, shape=(-3, 1, 0))  # (N*H, 1, d_k)
+    q = F.reshape(q, shape=(-3, 1, -1))  # (N*H, 1, d_k)
     k = F.reshape(k, shape=(-3, 0, 0))  # (N*H, L, d_k)
     v = F.reshape(v, shape=(-3, 0, 0))  # (N*H, L, d_k)
     scores = F.reshape(F.batch_dot(k, q, transpose_b=True), shape=(0, 1, -1))  # (N*H, 1, L)

@@ -19,6 +19,7 @@ reuses it when `tie_embeddings` (no output bias either way).
 from __future__ import annotations
 
 import math
+import warnings
 
 import mxnet as mx
 from mxnet import init
@@ -269,6 +270,10 @@ class TransformerModel(HybridBlock):
     def decode_step(self, tokens, states: list):
         """tokens (N,) -> (log_probs (N, V), new states, attn (N, S) last-layer cross-attention, head mean)."""
         num_static = 2 + 2 * self.hp.num_dec_layers
-        out = self.step_block(tokens, *states)
+        with warnings.catch_warnings():
+            # The step graph gets projected memory as input, so the cross-attention K/V weights it holds
+            # (shared with the full decoder) are unused there by design.
+            warnings.filterwarnings("ignore", message="Parameter .* is not used by any computation")
+            out = self.step_block(tokens, *states)
         log_probs, attn, step, new_cache = out[0], out[1], out[2], out[3:]
         return log_probs, [step] + list(states[1:num_static]) + list(new_cache), attn
