@@ -140,5 +140,6 @@ class CrossAttention(HybridBlock):
         q = F.reshape(self.q(x), shape=(0, self.num_heads, -1))  # (N, H, d_k)
         ctx, probs = attend_step(F, q, mem_k, mem_v, lengths, self.d_k)
         out = self.out(F.reshape(ctx, shape=(-1, self.d_model)))  # (N, D)
-        return out, F.reshape(probs, shape=(-4, -1, self.num_heads, -1))  # (N, H, S)
+        probs = F.reshape(F.reshape(probs, shape=(0, -1)), shape=(-4, -1, self.num_heads, 0))  # (N, H, S)
+        return out, probs
 

@@ -60,3 +60,8 @@ def test_fewer_sentences_than_shards_is_an_error() -> None:
         plan_buckets(np.array([1, 2, 3]), np.array([1, 2, 3]), 4096, num_shards=4, boundaries=[8])
     with pytest.raises(DataError, match="only 0 sentences"):
         plan_buckets(np.array([], dtype=int), np.array([], dtype=int), 4096, num_shards=1, boundaries=[8])
+
+
+def test_too_few_sentences_for_one_row_batches_on_every_rank() -> None:
+    with pytest.raises(DataError, match="cannot split 5 sentences .* num_shards=4"):
+        plan_buckets(np.full(5, 3), np.full(5, 3), max_tokens=8, num_shards=4, boundaries=[8], rows_multiple=1)

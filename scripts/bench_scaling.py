@@ -1,0 +1,109 @@
+"""Weak-scaling benchmark: np=1 vs np=2 Horovod workers (1 OpenMP thread each) on random batches; prints JSON.
+
+    python scripts/bench_scaling.py                                  # tiny and transformer_base presets
+    python scripts/bench_scaling.py --presets transformer_base --updates 12 --batch-sentences 64
+
+For each preset and world size it reports global real tokens/s (source + target), scaling efficiency
+(tokens/s at np=2 / (2 × tokens/s at np=1)), the mean time per update spent in the gradient all-reduce, and the
+bytes all-reduced per update (fp32 gradients of every trainable parameter). Each worker runs the same
+forward/backward/all-reduce/update as the trainer (`hvd.DistributedTrainer` through dist_nmt.distributed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One Horovod worker: time `args.updates` updates after `args.warmup` warm-up updates."""
+    import mxnet as mx
+    import numpy as np
+
+    from dist_nmt import distributed
+    from dist_nmt.config import load_config
+    from dist_nmt.loss import label_smoothed_nll
+    from dist_nmt.models import build_model
+
+    world = distributed.init_world()
+    cfg = load_config(ROOT / "configs" / "models" / f"{args.preset}.yaml", ["train.max_updates=1"])
+    model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), args.vocab)
+    model.initialize(mx.init.Xavier(), ctx=mx.cpu())
+    model.hybridize(static_alloc=True)
+    trainer = distributed.make_trainer(model.collect_params(), "adam", {"learning_rate": 1e-4})
+    rng = np.random.RandomState(world.rank)
+    shape = (args.batch_sentences, args.seq_len)
+    src = mx.nd.array(rng.randint(4, args.vocab, shape), dtype="int32")
+    tgt = mx.nd.array(rng.randint(4, args.vocab, shape), dtype="int32")
+    lengths = mx.nd.full((args.batch_sentences,), args.seq_len)
+    compute = comm = 0.0
+    for step in range(args.warmup + args.updates):
+        t0 = time.perf_counter()
+        with mx.autograd.record():
+            loss, _ = label_smoothed_nll(model(src, lengths, tgt, lengths), tgt, lengths, 0.1)
+        loss.backward()
+        mx.nd.waitall()
+        t1 = time.perf_counter()
+        trainer.allreduce_grads()
+        mx.nd.waitall()
+        t2 = time.perf_counter()
+        trainer.update(args.batch_sentences * args.seq_len)
+        mx.nd.waitall()
+        if step >= args.warmup:
+            compute += (t1 - t0) + (time.perf_counter() - t2)
+            comm += t2 - t1
+    grads = [p for p in model.collect_params().values() if p.grad_req != "null"]
+    num_grad_bytes = sum(int(np.prod(p.shape)) * 4 for p in grads)
+    seconds = compute + comm
+    if world.is_primary:
+        tokens = 2 * args.batch_sentences * args.seq_len * world.size * args.updates
+        print("RESULT " + json.dumps({
+            "preset": args.preset, "np": world.size, "global_tokens_per_s": round(tokens / seconds, 1),
+            "seconds_per_update": round(seconds / args.updates, 4),
+            "allreduce_seconds_per_update": round(comm / args.updates, 4),
+            "allreduce_bytes_per_update": num_grad_bytes if world.size > 1 else 0}), flush=True)
+
+
+def launch(preset: str, num_procs: int, args: argparse.Namespace) -> dict:
+    """Run `num_procs` workers under horovodrun (Gloo) and return rank 0's result."""
+    cmd = [str(ROOT / ".venv" / "bin" / "horovodrun"), "-np", str(num_procs), "-H", f"localhost:{num_procs}",
+           "--gloo", sys.executable, __file__, "--worker", "--preset", preset, "--updates", str(args.updates),
+           "--warmup", str(args.warmup), "--batch-sentences", str(args.batch_sentences),
+           "--seq-len", str(args.seq_len), "--vocab", str(args.vocab)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return json.loads(next(line for line in out.splitlines() if "RESULT " in line).split("RESULT ", 1)[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "transformer_base"])
+    parser.add_argument("--preset", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--updates", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-sentences", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=25)
+    parser.add_argument("--vocab", type=int, default=8000)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    results = []
+    for preset in args.presets:
+        one, two = launch(preset, 1, args), launch(preset, 2, args)
+        results.append({"preset": preset, "np1": one, "np2": two,
+                        "weak_scaling_efficiency": round(two["global_tokens_per_s"]
+                                                         / (2 * one["global_tokens_per_s"]), 3)})
+    print(json.dumps({"benchmark": "weak_scaling", "threads_per_process": 1,
+                      "batch": [args.batch_sentences, args.seq_len], "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
