@@ -105,6 +105,13 @@ def _build_model(cfg, vocab_size: int, ctx):
 
     from dist_nmt.models import build_model
 
+    if cfg.precision.dtype == "fp16":
+        # GPU only (check_precision refuses it on CPU). AMP casts matmuls to fp16 and must patch the operators
+        # before the network is built. Loss scaling stays with our LossScaler (one state machine, reduced
+        # gradients), so amp.init_trainer is deliberately not called: it would install a second scaler.
+        from mxnet.contrib import amp
+
+        amp.init(target_dtype="float16")
     hparams = getattr(cfg.model, cfg.model.arch)
     model = build_model(cfg.model.arch, hparams, vocab_size)
     mx.random.seed(cfg.train.seed)
@@ -118,7 +125,8 @@ def _build_model(cfg, vocab_size: int, ctx):
 def _make_optimizer(cfg, model):
     return distributed.make_trainer(model.collect_params(), "adam", {
         "learning_rate": cfg.optim.lr, "beta1": cfg.optim.beta1, "beta2": cfg.optim.beta2,
-        "epsilon": cfg.optim.epsilon, "wd": cfg.optim.weight_decay})
+        "epsilon": cfg.optim.epsilon, "wd": cfg.optim.weight_decay,
+        "multi_precision": cfg.precision.dtype == "fp16"})  # fp32 master weights under AMP
 
 
 def _next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, int]:

@@ -2,8 +2,8 @@
 
     hosts = TwoHosts.create(tmp_dir)        # root only
     try:
-        subprocess.run([*hosts.exec_in(hosts.first), "horovodrun", "-H", hosts.horovod_hosts(), ...],
-                       env=hosts.env())
+        subprocess.run([*hosts.exec_in(hosts.first), "horovodrun", "-np", "2", "-H", hosts.horovod_hosts(),
+                        "--gloo", "--network-interface", hosts.nic, ...], env=hosts.env())
     finally:
         hosts.destroy()
 
@@ -76,11 +76,17 @@ class TwoHosts:
         """`-H` argument for horovodrun: `ADDR1:slots,ADDR2:slots`."""
         return ",".join(f"{h.address}:{slots}" for h in self.hosts)
 
-    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """`base` (default os.environ) with the ssh shim first on PATH."""
-        env = dict(os.environ if base is None else base)
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """os.environ plus `extra`, with the ssh shim first on PATH."""
+        env = {**os.environ, **(extra or {})}
         env["PATH"] = f"{self.shim_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+    def ssh_calls(self) -> list[tuple[str, str]]:
+        """(namespace, command) of every ssh the shim has served, in order."""
+        log = self.shim_dir / "calls.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [tuple(line.split(" ", 1)) for line in lines]
 
     def link_bytes(self, host: Host) -> tuple[int, int]:
         """(rx_bytes, tx_bytes) of the test NIC inside the host's namespace."""
@@ -143,6 +149,7 @@ done
 case "$host" in
 {cases}  *) echo "ssh shim: unknown host '$host'" >&2; exit 255 ;;
 esac
+echo "$ns $*" >> "{self.shim_dir}/calls.log"
 exec {IP} netns exec "$ns" bash -c "$*"
 """)
         shim.chmod(0o755)

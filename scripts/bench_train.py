@@ -1,0 +1,157 @@
+"""Training throughput of a dist_nmt model preset, side by side with GluonNLP 0.10's Transformer.
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset transformer_base \
+        --batch-sentences 128 --seq-len 25
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset tiny --steps 3 --no-reference
+
+One step = forward + label-smoothed cross-entropy + backward + Adam update on a random batch (every sentence
+`--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens. Achieved GFLOP/s
+is an analytic count (matrix products only, backward = 2x forward) over the measured step time, given as a
+fraction of the FullyConnected fp32 peak measured in the same run (4096x1024x4096). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dist_nmt.config import load_config  # noqa: E402
+from dist_nmt.models import build_model  # noqa: E402
+
+
+def preset_model_config(preset: str):
+    """`transformer_base` (a name in configs/models/) or a YAML path -> ModelConfig."""
+    path = Path(preset)
+    if not path.suffix:
+        path = ROOT / "configs" / "models" / f"{preset}.yaml"
+    return load_config(path, ["train.max_updates=1"]).model
+
+
+def fc_peak_gflops(reps: int = 10) -> float:
+    """Measured FullyConnected fp32 throughput on a 4096x1024 @ 1024x4096 product."""
+    x, w = mx.nd.random.uniform(shape=(4096, 1024)), mx.nd.random.uniform(shape=(4096, 1024))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        mx.nd.FullyConnected(x, w, no_bias=True, num_hidden=4096).wait_to_read()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 4096 * 1024 * 4096 / best / 1e9
+
+
+def transformer_gflop_per_batch(hp, batch: int, src_len: int, tgt_len: int, vocab: int) -> float:
+    """Matrix-product FLOPs of one training step (forward x 3) for a Transformer."""
+    d, f = hp.d_model, hp.d_ff
+    layer = 2 * (4 * d * d + 2 * d * f)  # attention projections + FFN, per token
+    enc = hp.num_enc_layers * batch * src_len * (layer + 4 * src_len * d)
+    dec = hp.num_dec_layers * batch * (tgt_len * (layer + 4 * d * d + 4 * tgt_len * d + 4 * src_len * d)
+                                       + src_len * 4 * d * d)
+    proj = 2 * batch * tgt_len * d * vocab
+    return 3 * (enc + dec + proj) / 1e9
+
+
+def label_smoothed_loss(logits, labels, valid_len, epsilon: float):
+    """Mean label-smoothed cross-entropy over real target tokens. logits (B, T, V), labels (B, T)."""
+    log_probs = mx.nd.log_softmax(logits, axis=-1)  # (B, T, V)
+    nll = -mx.nd.pick(log_probs, labels, axis=-1)  # (B, T)
+    smooth = -mx.nd.mean(log_probs, axis=-1)  # (B, T)
+    loss = (1 - epsilon) * nll + epsilon * smooth
+    loss = mx.nd.SequenceMask(loss, sequence_length=valid_len, use_sequence_length=True, axis=1)
+    return mx.nd.sum(loss) / mx.nd.sum(valid_len)
+
+
+def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
+    """src, tgt_in, tgt_out (B, L) float ids in [4, V) and full valid lengths (B,)."""
+    mx.random.seed(seed)
+    src = mx.nd.random.randint(4, vocab, shape=(batch, seq_len)).astype("float32")
+    tgt = mx.nd.random.randint(4, vocab, shape=(batch, seq_len + 1)).astype("float32")
+    lens = mx.nd.full((batch,), seq_len)
+    return src, tgt[:, :-1], tgt[:, 1:], lens
+
+
+def time_training(forward, params, batch, steps: int, warmup: int, epsilon: float) -> float:
+    """Seconds per step (mean of `steps` after `warmup`) of forward/loss/backward/Adam."""
+    trainer = gluon.Trainer(params, "adam", {"learning_rate": 1e-4, "beta2": 0.98, "epsilon": 1e-9})
+    src, tgt_in, tgt_out, lens = batch
+    for i in range(warmup + steps):
+        if i == warmup:
+            mx.nd.waitall()
+            start = time.perf_counter()
+        with autograd.record():
+            loss = label_smoothed_loss(forward(src, lens, tgt_in, lens), tgt_out, lens, epsilon)
+        loss.backward()
+        trainer.step(1)
+        loss.wait_to_read()
+    mx.nd.waitall()
+    return (time.perf_counter() - start) / steps
+
+
+def gluonnlp_reference(hp, vocab: int):
+    """GluonNLP 0.10 NMTModel Transformer with the same sizes, shared and tied embeddings."""
+    from gluonnlp.model.transformer import get_transformer_encoder_decoder
+    from gluonnlp.model.translation import NMTModel
+
+    if hp.num_enc_layers != hp.num_dec_layers or hp.pre_norm:
+        raise ValueError("GluonNLP 0.10 reference needs equal encoder/decoder depth and post-norm")
+    encoder, decoder, one_step = get_transformer_encoder_decoder(
+        num_layers=hp.num_enc_layers, num_heads=hp.num_heads, units=hp.d_model, hidden_size=hp.d_ff,
+        dropout=hp.dropout, max_src_length=512, max_tgt_length=512, prefix="ref_")
+    vocab_list = list(range(vocab))  # NMTModel only needs len(vocab)
+    model = NMTModel(vocab_list, vocab_list, encoder, decoder, one_step, embed_size=hp.d_model,
+                     share_embed=True, tie_weights=True, prefix="ref_nmt_")
+    model.initialize(mx.init.Xavier(magnitude=3))
+    model.hybridize(static_alloc=True)
+    return model, lambda src, sl, tgt, tl: model(src, tgt, sl, tl)[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="transformer_base", help="configs/models/<name>.yaml or a path")
+    parser.add_argument("--batch-sentences", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=25)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--no-reference", action="store_true", help="skip the GluonNLP comparison")
+    args = parser.parse_args(argv)
+
+    model_cfg = preset_model_config(args.preset)
+    hp = getattr(model_cfg, model_cfg.arch)
+    batch = random_batch(args.batch_sentences, args.seq_len, args.vocab)
+    num_tokens = 2 * args.batch_sentences * args.seq_len
+    peak = fc_peak_gflops()
+    model = build_model(model_cfg.arch, hp, args.vocab)
+    model.initialize(mx.init.Xavier(magnitude=3))
+    model.hybridize(static_alloc=True)
+    sec = time_training(model, model.collect_params(), batch, args.steps, args.warmup, args.label_smoothing)
+    result = {"preset": args.preset, "arch": model_cfg.arch, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "batch_sentences": args.batch_sentences, "seq_len": args.seq_len, "vocab": args.vocab,
+              "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1),
+              "sec_per_step": round(sec, 4), "tokens_per_sec": round(num_tokens / sec, 1)}
+    if model_cfg.arch == "transformer":
+        gflop = transformer_gflop_per_batch(hp, args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
+        result.update(gflop_per_step=round(gflop, 1), gflops=round(gflop / sec, 1),
+                      fraction_of_peak=round(gflop / sec / peak, 3))
+    if model_cfg.arch == "transformer" and not args.no_reference:
+        ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
+        ref_sec = time_training(ref_forward, ref_model.collect_params(), batch, args.steps, args.warmup,
+                                args.label_smoothing)
+        result.update(reference="gluonnlp-0.10 NMTModel transformer", ref_sec_per_step=round(ref_sec, 4),
+                      ref_tokens_per_sec=round(num_tokens / ref_sec, 1),
+                      ref_fraction_of_peak=round(result["gflop_per_step"] / ref_sec / peak, 3),
+                      speedup_vs_reference=round(ref_sec / sec, 3))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
