@@ -127,8 +127,8 @@ def restore(cfg: Config, model, trainer, scaler, checkpointer: Checkpointer, wor
 def save(checkpointer: Checkpointer, model, trainer, progress, scaler, cfg: Config, world: distributed.World,
          batches_per_epoch: int, is_best: bool) -> None:
     """Primary writes a checkpoint; the others wait for nothing (no collective here)."""
-    if not world.is_primary:
-        return
+    if not world.is_primary or (checkpointer.directory / f"ckpt-{progress.update:08d}").is_dir() and not is_best:
+        return  # already written at this update (e.g. by the periodic save just before stopping)
     state = {"update": progress.update, "progress": asdict(progress), "scaler": scaler.state_dict(),
              "world_size": world.size, "batches_per_epoch": batches_per_epoch, "config_hash": config_hash(cfg),
              "config": flatten(cfg), "time": time.time()}

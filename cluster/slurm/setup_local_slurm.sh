@@ -55,10 +55,11 @@ start_munge() {
   chmod 0400 /etc/munge/munge.key
   chmod 0700 /etc/munge /var/lib/munge /var/log/munge
   chmod 0755 /run/munge
-  runuser -u munge -- munged --pid-file="$STATE/munged.pid.tmp"
-  # munged writes its pid file as the munge user; keep a root-owned copy next to the others.
-  for _ in $(seq 50); do [ -s "$STATE/munged.pid.tmp" ] && break; sleep 0.1; done
-  mv "$STATE/munged.pid.tmp" "$STATE/munged.pid"
+  rm -f /run/munge/munged.pid
+  runuser -u munge -- munged
+  # munged writes its pid file as the munge user under /run/munge; keep a copy next to the others for `down`.
+  for _ in $(seq 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
+  cp /run/munge/munged.pid "$STATE/munged.pid"
   munge -n | unmunge >/dev/null || die "munged started but does not answer; see /var/log/munge/munged.log"
 }
 
