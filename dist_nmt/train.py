@@ -195,13 +195,12 @@ def train(cfg) -> dict:
     window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "slots": 0.0}
     reason = ""
     while not reason:
-        batches, slots = [], 0
+        batches, slots, position = [], 0, (progress.epoch, progress.batch_index)
         for _ in range(t.accum_steps):
-            for batch in data.batches_at(progress.epoch, progress.batch_index):
+            for batch in data.batches_at(*position):
                 batches.append(data.collate_train(batch))
                 slots += batch.src_pad_len * batches[-1]["src"].shape[0]
-            progress.epoch, progress.batch_index = _next_position(
-                progress.epoch, progress.batch_index, data.batches_per_epoch)
+            position = _next_position(*position, data.batches_per_epoch)
         out_of_time = bool(t.max_time_minutes) and (time.time() - start) / 60 >= t.max_time_minutes
         num_tgt, num_src, stop_votes, time_votes = distributed.allreduce_sum(
             [sum(b["num_tgt_tokens"] for b in batches), sum(b["num_src_tokens"] for b in batches),
@@ -209,7 +208,7 @@ def train(cfg) -> dict:
         if stop_votes or time_votes:
             reason = "signal" if stop_votes else "max_time_minutes"
             break
-        progress.update += 1
+        progress.update, (progress.epoch, progress.batch_index) = progress.update + 1, position
         mx.random.seed(_seed_for(t.seed, progress.update, world.rank))
         trainer.set_learning_rate(lr_at(progress.update, cfg.optim.lr, cfg.optim.warmup_updates,
                                         cfg.optim.warmup_init_lr))
