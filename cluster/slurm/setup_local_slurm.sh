@@ -108,6 +108,10 @@ MpiDefault=none
 MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
+# A requeued job waits cred_expire seconds (default 120) before it may start again, and pending jobs are looked at
+# every sched_interval seconds (default 60); both are shortened so local requeue tests take seconds, not minutes.
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2,bf_interval=2
 # Keep finished jobs visible to 'scontrol show job' (exit codes, restart counts) for ten minutes.
 MinJobAge=600
 KillWait=30
