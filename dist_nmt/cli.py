@@ -58,8 +58,7 @@ def _load_run(run_dir: Path, params: str | None):
 def _translate(args: argparse.Namespace) -> int:
     import mxnet as mx
 
-    from dist_nmt.decode import BeamConfig
-    from dist_nmt.translate import encode_sources, format_nbest, translate_ids
+    from dist_nmt.translate import BeamConfig, encode_sources, format_nbest, translate_ids
 
     cfg, vocab, model = _load_run(Path(args.run_dir), args.params)
     d = cfg.decode

@@ -26,7 +26,7 @@ from dist_nmt.data import (
     split_paths,
     vocab_path,
 )
-from dist_nmt.decode import BeamConfig
+from dist_nmt.translate import BeamConfig
 from dist_nmt.validate import DecodeJob, decode_and_score, dev_loss, sample_indices
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from dist_nmt import distributed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dist_nmt.train")  # not "__main__" under python -m
 
 
 class TrainingError(RuntimeError):

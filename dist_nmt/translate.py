@@ -10,14 +10,27 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import mxnet as mx
 import numpy as np
 
 from dist_nmt.data.vocab import EOS_ID, PAD_ID, Vocab
-from dist_nmt.decode import BeamConfig, translate_batch
+from dist_nmt.decode import translate_batch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Beam search settings: GNMT length penalty alpha, coverage penalty beta, max output a*src_len + b."""
+
+    beam_size: int = 4
+    alpha: float = 0.6
+    beta: float = 0.0
+    max_len_a: float = 1.2
+    max_len_b: int = 10
+    nbest: int = 1
 
 
 def encode_sources(vocab: Vocab, lines: Sequence[str], max_src_len: int) -> list[list[int]]:
@@ -47,7 +60,7 @@ def translate_ids(model: mx.gluon.Block, sources: list[list[int]], beam: BeamCon
     for start in range(0, len(order), batch_sentences):
         chunk = order[start: start + batch_sentences]
         src, src_valid_len = _pad([sources[i] for i in chunk], ctx)
-        for i, hyps in zip(chunk, translate_batch(model, src, src_valid_len, beam), strict=True):
+        for i, hyps in zip(chunk, translate_batch(model, src, src_valid_len, **asdict(beam)), strict=True):
             results[i] = hyps
     return results
 

@@ -15,10 +15,9 @@ import numpy as np
 
 from dist_nmt import distributed
 from dist_nmt.data import Batch, EncodedSplit, Vocab, collate
-from dist_nmt.decode import BeamConfig
 from dist_nmt.evaluate import sacre_scores, tokenized_bleu
 from dist_nmt.loss import label_smoothed_nll
-from dist_nmt.translate import translate_lines
+from dist_nmt.translate import BeamConfig, translate_lines
 
 log = logging.getLogger(__name__)
 
