@@ -26,6 +26,7 @@ from dist_nmt.data import (
     split_paths,
     vocab_path,
 )
+from dist_nmt.progress import Progress, TrainingError
 from dist_nmt.translate import BeamConfig
 from dist_nmt.validate import DecodeJob, decode_and_score, dev_loss, sample_indices
 
@@ -95,8 +96,6 @@ def beam_config(cfg: Config) -> BeamConfig:
 def restore(cfg: Config, model, trainer, scaler, checkpointer: Checkpointer, world: distributed.World, ctx,
             batches_per_epoch: int):
     """Resume from the newest good checkpoint rank 0 sees (same one on every rank), or start fresh."""
-    from dist_nmt.train import Progress, TrainingError
-
     found = checkpointer.latest_good() if world.is_primary else None
     path = distributed.broadcast_object(str(found) if found else "", name="resume.path")
     if not path:
@@ -224,8 +223,6 @@ def params_digest(model) -> str:
 
 def check_consistency(model, world: distributed.World, update: int) -> None:
     """Abort if any rank's parameters differ from rank 0's (a desynchronised job trains garbage silently)."""
-    from dist_nmt.train import TrainingError
-
     digests = distributed.allgather_object(params_digest(model), name=f"digest.{update}")
     bad = [rank for rank, d in enumerate(digests) if d != digests[0]]
     if bad:

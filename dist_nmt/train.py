@@ -18,25 +18,9 @@ import time
 from dataclasses import dataclass
 
 from dist_nmt import distributed
+from dist_nmt.progress import Progress, TrainingError
 
 log = logging.getLogger("dist_nmt.train")  # not "__main__" under python -m
-
-
-class TrainingError(RuntimeError):
-    """Training had to stop; the message says why and what is intact."""
-
-
-@dataclass
-class Progress:
-    """Where training is; saved in every checkpoint's state.json."""
-
-    update: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-    best_bleu: float = -1.0
-    evals_without_improvement: int = 0
-    bad_updates_in_a_row: int = 0
-    num_skipped_updates: int = 0
 
 
 @dataclass

@@ -1,45 +1,12 @@
-"""Fixtures for running the real trainer (`python -m dist_nmt.train`) on the tiny config."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+"""Fixture: Multi30k prepared once per session with the tiny config's 1k vocabulary."""
 import pytest
 
-from conftest import ROOT
-
-PYTHON = sys.executable
-TINY = "configs/tiny.yaml"
-# Short runs: no mid-run validation unless a test asks for it; one thread per process on 2-core CI.
-FAST = ["train.eval_every_updates=1000", "train.save_every_updates=1000", "data.test="]
-
-
-def run_cli(args: list[str], timeout: float = 600, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the repo root with one OpenMP thread; fail the test with its output on error."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def train(overrides: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """`python -m dist_nmt.train --config configs/tiny.yaml <overrides>`."""
-    return run_cli([PYTHON, "-m", "dist_nmt.train", "--config", TINY, *overrides], **kwargs)
-
-
-def metrics(run_dir: Path, kind: str) -> list[dict]:
-    """Records of one kind from run_dir/metrics.jsonl."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+from support import PYTHON, TINY, run_cli
 
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> str:
-    """Multi30k encoded with the tiny config's 1k vocabulary, once per test session."""
+    """The `data.prepared_dir=...` override pointing at the prepared arrays."""
     out = tmp_path_factory.mktemp("data-bin") / "multi30k-1k"
     run_cli([PYTHON, "-m", "dist_nmt.cli", "prepare", "--config", TINY, f"data.prepared_dir={out}"])
     return f"data.prepared_dir={out}"

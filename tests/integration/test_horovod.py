@@ -9,8 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from integration.conftest import FAST, PYTHON, TINY, metrics, run_cli, train
+from support import FAST, PYTHON, ROOT, TINY, metrics, run_cli, train
 
 HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
 LAUNCH = {

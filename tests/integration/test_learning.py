@@ -2,7 +2,7 @@
 import json
 import random
 
-from integration.conftest import PYTHON, run_cli, train
+from support import PYTHON, run_cli, train
 
 WORDS = ("apple river stone cloud tiger music green house light paper seven table water north dream "
          "glass piano storm horse lemon").split()

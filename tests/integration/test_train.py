@@ -6,7 +6,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from integration.conftest import FAST, PYTHON, metrics, run_cli, train
+from support import FAST, PYTHON, metrics, run_cli, train
 
 
 def _params(path) -> dict[str, np.ndarray]:

@@ -9,9 +9,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from integration import netns
-from integration.conftest import FAST, PYTHON, TINY, run_cli
+from support import FAST, PYTHON, ROOT, TINY, run_cli
 
 HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
 UPDATES = 8
@@ -34,9 +33,11 @@ def _load(path) -> dict[str, np.ndarray]:
 def test_one_worker_per_host_trains_to_identical_parameters_over_the_link(tmp_path, prepared, two_hosts):
     run, dump = tmp_path / "run", tmp_path / "dump"  # shared filesystem: visible in both namespaces
     h1, h2 = two_hosts.hosts
+    # --disable-cache: horovodrun otherwise reuses ssh/NIC check results from ~/.horovod for an hour.
     launch = [*two_hosts.exec_in(h1), HOROVODRUN, "-np", "2", "-H", two_hosts.horovod_hosts(), "--gloo",
               "--network-interface", two_hosts.nic, "--disable-cache"]
-    # With Gloo, horovodrun forwards the launching environment to every worker (`-x` is MPI-only).
+    # With Gloo, horovodrun forwards the launching environment to every worker (`-x` is MPI-only). The Gloo
+    # timeout is below the test's own, so a link that does not connect fails with Gloo's message, not a timeout.
     env = two_hosts.env({"OMP_NUM_THREADS": "1", "HOROVOD_GLOO_TIMEOUT_SECONDS": "120",
                          "DIST_NMT_DUMP_PARAMS": str(dump)})
     rx_before, tx_before = two_hosts.link_bytes(h1)

@@ -3,8 +3,8 @@ import gzip
 
 import pytest
 
-from conftest import SHARED_DATA
 from dist_nmt.evaluate import moses_tokenize_lc, sacre_scores, tokenized_bleu
+from support import SHARED_DATA
 
 M30K = SHARED_DATA / "multi30k"
 

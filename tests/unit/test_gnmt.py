@@ -1,0 +1,173 @@
+"""GNMT model contract: incremental decoding equals teacher forcing, masking, residual wiring, names, presets."""
+from __future__ import annotations
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from dist_nmt.config import load_config
+from dist_nmt.models.gnmt import GNMTModel
+from dist_nmt.models.hparams import GNMTHParams
+
+VOCAB = 40
+
+
+def tiny(**overrides) -> GNMTHParams:
+    """3+3 layers so that bidirectional, plain and residual layers all appear; no dropout (eval equality)."""
+    base = dict(num_enc_layers=3, num_dec_layers=3, hidden_size=16, embed_size=16, num_bi_layers=1,
+                residual_from_layer=2, attention="normed_mlp", dropout=0.0, tie_embeddings=True)
+    return GNMTHParams(**{**base, **overrides})
+
+
+def build(hp: GNMTHParams, seed: int = 0, hybridize: bool = False) -> GNMTModel:
+    mx.random.seed(seed)
+    model = GNMTModel(hp, VOCAB)
+    model.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3.0))
+    if hybridize:
+        model.hybridize(static_alloc=True)
+    return model
+
+
+def batch(seed: int = 0):
+    """3 rows: full length, padded, and a dummy row (src length 1, tgt length 0)."""
+    rng = np.random.RandomState(seed)
+    src = mx.nd.array(rng.randint(3, VOCAB, (3, 7)), dtype="int32")
+    tgt = mx.nd.array(rng.randint(3, VOCAB, (3, 6)), dtype="int32")
+    return src, mx.nd.array([7, 4, 1]), tgt, mx.nd.array([6, 3, 0])
+
+
+def greedy_states(model, src, src_len, tokens):
+    """Run decode_step over given target tokens (B, T); returns log-probs (B, T, V) and attention (B, T, S)."""
+    states = model.init_decode_states(model.encode(src, src_len), max_len=tokens.shape[1])
+    log_probs, attns = [], []
+    for t in range(tokens.shape[1]):
+        lp, states, attn = model.decode_step(tokens[:, t], states)
+        log_probs.append(lp)
+        attns.append(attn)
+    return mx.nd.stack(*log_probs, axis=1), mx.nd.stack(*attns, axis=1)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+@pytest.mark.parametrize("attention", ["mlp", "normed_mlp"])
+def test_incremental_decode_equals_teacher_forcing(hybridize, attention):
+    model = build(tiny(attention=attention), hybridize=hybridize)
+    src, src_len, tgt, tgt_len = batch()
+    logits = model(src, src_len, tgt, tgt_len)
+    assert logits.shape == (3, 6, VOCAB) and logits.dtype == np.float32
+    ref = mx.nd.log_softmax(logits, axis=-1).asnumpy()
+    inc, _ = greedy_states(model, src, src_len, tgt)
+    for row, length in enumerate([6, 3]):
+        np.testing.assert_allclose(inc.asnumpy()[row, :length], ref[row, :length], atol=1e-5)
+
+
+def test_padding_does_not_change_outputs():
+    model = build(tiny(), hybridize=True)
+    src, src_len, tgt, tgt_len = batch()
+    logits = model(src, src_len, tgt, tgt_len).asnumpy()
+    junk = src.copy()
+    junk[1, 4:] = 1
+    np.testing.assert_allclose(model(junk, src_len, tgt, tgt_len).asnumpy(), logits, atol=1e-6)
+    # Same row without any padding (S = 4): valid logits agree with the padded batch.
+    alone = model(src[1:2, :4], src_len[1:2], tgt[1:2, :3], tgt_len[1:2]).asnumpy()
+    np.testing.assert_allclose(alone[0], logits[1, :3], atol=1e-5)
+    assert np.all(logits[1, 3:] == 0), "padded target positions must give zero logits"
+
+
+def test_dummy_rows_are_finite_with_gradients():
+    model = build(tiny(dropout=0.1), hybridize=True)
+    src, src_len, tgt, tgt_len = batch()
+    with mx.autograd.record():
+        logits = model(src, src_len, tgt, tgt_len)
+        loss = (mx.nd.log_softmax(logits, axis=-1) * mx.nd.one_hot(tgt, VOCAB)).sum()
+    loss.backward()
+    assert np.isfinite(logits.asnumpy()).all()
+    for name, param in model.collect_params().items():
+        grad = param.grad().asnumpy()
+        assert np.isfinite(grad).all(), name
+        assert np.abs(grad).sum() > 0, f"{name} gets no gradient"
+
+
+def test_parameter_names_are_deterministic_and_shapes_known_before_forward():
+    params = build(tiny()).collect_params()
+    for param in params.values():  # Horovod broadcasts right after initialize(): no deferred shapes allowed
+        param.data()
+    first = list(params.keys())
+    second = list(build(tiny()).collect_params().keys())
+    assert first == second
+    assert all(name.startswith("gnmt_") for name in first)
+    for expected in ("gnmt_embed_weight", "gnmt_enc_layer0_fwd_l0_i2h_weight", "gnmt_enc_layer0_bwd_l0_h2h_weight",
+                     "gnmt_enc_layer2_l0_i2h_weight", "gnmt_dec_layer2_l0_h2h_bias", "gnmt_dec_att_key_weight",
+                     "gnmt_dec_att_query_weight", "gnmt_dec_att_v", "gnmt_dec_att_g"):
+        assert expected in first
+    assert "gnmt_proj_weight" not in first, "tied projection reuses the embedding"
+    untied = build(tiny(tie_embeddings=False, attention="mlp")).collect_params()
+    assert untied["gnmt_proj_weight"].shape == (VOCAB, 16) and "gnmt_dec_att_g" not in untied
+
+
+def test_parameter_shapes_follow_the_wiring():
+    params = build(tiny(hidden_size=16, embed_size=8, tie_embeddings=False)).collect_params()
+    assert params["gnmt_enc_layer0_fwd_l0_i2h_weight"].shape == (4 * 8, 8)  # H/2 per direction, reads E
+    assert params["gnmt_enc_layer1_l0_i2h_weight"].shape == (4 * 16, 16)
+    assert params["gnmt_dec_layer0_l0_i2h_weight"].shape == (4 * 16, 8)  # bottom layer reads the embedding
+    assert params["gnmt_dec_layer1_l0_i2h_weight"].shape == (4 * 16, 32)  # output ++ attention context
+
+
+def test_attention_sums_to_one_over_valid_source():
+    model = build(tiny(), hybridize=True)
+    src, src_len, tgt, tgt_len = batch()
+    _, attn = greedy_states(model, src, src_len, tgt)  # (B, T, S)
+    _, probs = model.decoder(tgt, tgt_len, *_memory_and_keys(model, src, src_len), src_len)
+    for a in (attn.asnumpy(), probs.asnumpy()):
+        for row, length in enumerate([7, 4, 1]):
+            np.testing.assert_allclose(a[row, :, :length].sum(-1), 1.0, atol=1e-5)
+            assert np.all(a[row, :, length:] == 0)
+
+
+def _memory_and_keys(model, src, src_len):
+    memory, keys, _ = model.encode(src, src_len)
+    return memory, keys
+
+
+def _zero_layer(model, prefix: str) -> None:
+    """An LSTM layer with all-zero weights and biases outputs exactly 0 (c stays 0, h = o * tanh(0))."""
+    for name, param in model.collect_params().items():
+        if name.startswith(prefix):
+            param.set_data(mx.nd.zeros(param.shape))
+
+
+def test_residual_from_layer_is_respected():
+    src, src_len, tgt, tgt_len = batch()
+    deep = build(tiny(residual_from_layer=3))
+    for prefix in ("gnmt_enc_layer2_", "gnmt_dec_layer2_"):
+        _zero_layer(deep, prefix)
+    # With a residual, a zeroed top layer passes its input through: same as the 2-layer model.
+    shallow = build(tiny(num_enc_layers=2, num_dec_layers=2, residual_from_layer=3), seed=1)
+    deep_params = deep.collect_params()
+    for name, param in shallow.collect_params().items():
+        param.set_data(deep_params[name].data())
+    np.testing.assert_allclose(deep(src, src_len, tgt, tgt_len).asnumpy(),
+                               shallow(src, src_len, tgt, tgt_len).asnumpy(), atol=1e-5)
+    # Without a residual at layer 3 the zeroed top decoder layer outputs 0, hence all-zero logits.
+    plain = build(tiny(residual_from_layer=4))
+    plain_params = plain.collect_params()
+    for name, param in deep_params.items():
+        plain_params[name].set_data(param.data())
+    assert np.all(plain(src, src_len, tgt, tgt_len).asnumpy() == 0)
+
+
+@pytest.mark.parametrize("field,value", [("residual_from_layer", 1), ("hidden_size", 15), ("num_bi_layers", 4),
+                                         ("attention", "dot")])
+def test_invalid_sizes_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        GNMTModel(tiny(**{field: value}), VOCAB)
+
+
+@pytest.mark.parametrize("preset", ["gnmt_tiny", "gnmt_2x512", "gnmt_4x1024"])
+def test_presets_load(preset):
+    cfg = load_config(f"configs/models/{preset}.yaml", ["train.max_updates=1"])
+    assert cfg.model.arch == "gnmt"
+    if preset == "gnmt_tiny":
+        model = GNMTModel(cfg.model.gnmt, VOCAB)
+        model.initialize()
+        src, src_len, tgt, tgt_len = batch()
+        assert model(src, src_len, tgt, tgt_len).shape == (3, 6, VOCAB)
