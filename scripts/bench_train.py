@@ -5,7 +5,9 @@
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset tiny --steps 3 --no-reference
 
 One step = forward + label-smoothed cross-entropy + backward + Adam update on a random batch (every sentence
-`--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens. Achieved GFLOP/s
+`--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens; our model and the
+reference alternate step by step, and the best step time is reported (plus the median), since other processes
+may share the cores. Achieved GFLOP/s
 is an analytic count (matrix products only, backward = 2x forward) over the measured step time, given as a
 fraction of the FullyConnected fp32 peak measured in the same run (4096x1024x4096). Prints one JSON object.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -77,21 +80,34 @@ def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
     return src, tgt[:, :-1], tgt[:, 1:], lens
 
 
-def time_training(forward, params, batch, steps: int, warmup: int, epsilon: float) -> float:
-    """Seconds per step (mean of `steps` after `warmup`) of forward/loss/backward/Adam."""
+def make_train_step(forward, params, batch, epsilon: float):
+    """A closure running one synchronous training step (forward, loss, backward, Adam) on `batch`."""
     trainer = gluon.Trainer(params, "adam", {"learning_rate": 1e-4, "beta2": 0.98, "epsilon": 1e-9})
     src, tgt_in, tgt_out, lens = batch
-    for i in range(warmup + steps):
-        if i == warmup:
-            mx.nd.waitall()
-            start = time.perf_counter()
+
+    def step() -> None:
         with autograd.record():
             loss = label_smoothed_loss(forward(src, lens, tgt_in, lens), tgt_out, lens, epsilon)
         loss.backward()
         trainer.step(1)
-        loss.wait_to_read()
-    mx.nd.waitall()
-    return (time.perf_counter() - start) / steps
+        mx.nd.waitall()
+
+    return step
+
+
+def time_alternating(steps: dict, num_steps: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each timed step per name; the candidates alternate step by step so that load from other
+    processes on a shared machine hits all of them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(num_steps):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def gluonnlp_reference(hp, vocab: int):
@@ -132,23 +148,29 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_cfg.arch, hp, args.vocab)
     model.initialize(mx.init.Xavier(magnitude=3))
     model.hybridize(static_alloc=True)
-    sec = time_training(model, model.collect_params(), batch, args.steps, args.warmup, args.label_smoothing)
+    steps = {"ours": make_train_step(model, model.collect_params(), batch, args.label_smoothing)}
+    with_reference = model_cfg.arch == "transformer" and not args.no_reference
+    if with_reference:
+        ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
+        steps["reference"] = make_train_step(ref_forward, ref_model.collect_params(), batch, args.label_smoothing)
+    times = time_alternating(steps, args.steps, args.warmup)
+    sec, sec_median = min(times["ours"]), statistics.median(times["ours"])
     result = {"preset": args.preset, "arch": model_cfg.arch, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "batch_sentences": args.batch_sentences, "seq_len": args.seq_len, "vocab": args.vocab,
-              "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1),
-              "sec_per_step": round(sec, 4), "tokens_per_sec": round(num_tokens / sec, 1)}
+              "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1), "timed_steps": args.steps,
+              "sec_per_step_best": round(sec, 4), "sec_per_step_median": round(sec_median, 4),
+              "tokens_per_sec": round(num_tokens / sec, 1), "tokens_per_sec_median": round(num_tokens / sec_median, 1)}
     if model_cfg.arch == "transformer":
         gflop = transformer_gflop_per_batch(hp, args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
         result.update(gflop_per_step=round(gflop, 1), gflops=round(gflop / sec, 1),
                       fraction_of_peak=round(gflop / sec / peak, 3))
-    if model_cfg.arch == "transformer" and not args.no_reference:
-        ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
-        ref_sec = time_training(ref_forward, ref_model.collect_params(), batch, args.steps, args.warmup,
-                                args.label_smoothing)
-        result.update(reference="gluonnlp-0.10 NMTModel transformer", ref_sec_per_step=round(ref_sec, 4),
-                      ref_tokens_per_sec=round(num_tokens / ref_sec, 1),
+    if with_reference:
+        ref_sec, ref_median = min(times["reference"]), statistics.median(times["reference"])
+        result.update(reference="gluonnlp-0.10 NMTModel transformer", ref_sec_per_step_best=round(ref_sec, 4),
+                      ref_sec_per_step_median=round(ref_median, 4), ref_tokens_per_sec=round(num_tokens / ref_sec, 1),
                       ref_fraction_of_peak=round(result["gflop_per_step"] / ref_sec / peak, 3),
-                      speedup_vs_reference=round(ref_sec / sec, 3))
+                      speedup_vs_reference=round(ref_sec / sec, 3),
+                      speedup_vs_reference_median=round(ref_median / sec_median, 3))
     print(json.dumps(result, indent=2))
     return result
 

@@ -21,14 +21,18 @@ from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
 
-def split_heads(F, x, num_heads: int, num_parts: int):
-    """(B, T, num_parts*D) -> num_parts arrays of (B*H, T, d_k)."""
-    x = F.reshape(x, shape=(0, 0, num_parts, num_heads, -1))  # (B, T, P, H, d_k)
-    x = F.transpose(x, axes=(2, 0, 3, 1, 4))  # (P, B, H, T, d_k)
-    x = F.reshape(x, shape=(0, -3, 0, 0))  # (P, B*H, T, d_k)
+def split_heads(F, x, num_heads: int, num_parts: int, d_k: int):
+    """(B, T, num_parts*D) -> num_parts arrays of (B*H, T, d_k).
+
+    Only 4-D transposes: MXNet's 5-D transpose measured ~4x slower than this reshape/transpose/split chain.
+    """
+    x = F.reshape(x, shape=(0, 0, -4, num_parts * num_heads, -1))  # (B, T, P*H, d_k)
+    x = F.transpose(x, axes=(0, 2, 1, 3))  # (B, P*H, T, d_k)
     if num_parts == 1:
         return [F.reshape(x, shape=(-3, 0, 0))]  # (B*H, T, d_k)
-    return list(F.split(x, num_outputs=num_parts, axis=0, squeeze_axis=True))
+    x = F.reshape(x, shape=(0, -4, num_parts, -1, -3))  # (B, P, H, T*d_k)
+    parts = F.split(x, num_outputs=num_parts, axis=1, squeeze_axis=True)  # P x (B, H, T*d_k)
+    return [F.reshape(part, shape=(-3, -1, d_k)) for part in parts]  # P x (B*H, T, d_k)
 
 
 def merge_heads(F, x, num_heads: int):
@@ -73,9 +77,12 @@ def attend_step(F, q, k, v, lengths, d_k: int):
     return ctx, probs
 
 
-def _dense(units: int, prefix: str, use_bias: bool = True) -> nn.Dense:
-    """FullyConnected on the last axis (oneDNN), Glorot-uniform weights."""
-    return nn.Dense(units, flatten=False, use_bias=use_bias, prefix=prefix,
+def dense(units: int, in_units: int, prefix: str, use_bias: bool = True, activation: str | None = None) -> nn.Dense:
+    """FullyConnected on the last axis (oneDNN), Glorot-uniform weights, shapes known up front (no deferred init).
+
+    `activation="relu"` runs as the Activation op (oneDNN eltwise), measured ~3x faster in backward than F.relu.
+    """
+    return nn.Dense(units, in_units=in_units, flatten=False, use_bias=use_bias, prefix=prefix, activation=activation,
                     weight_initializer=init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3))
 
 
@@ -90,12 +97,12 @@ class SelfAttention(HybridBlock):
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
         self.attention_dropout = attention_dropout
         with self.name_scope():
-            self.qkv = _dense(3 * d_model, "qkv_")
-            self.out = _dense(d_model, "out_")
+            self.qkv = dense(3 * d_model, d_model, "qkv_")
+            self.out = dense(d_model, d_model, "out_")
 
     def hybrid_forward(self, F, x, lengths):
         """x (B, T, D), lengths (B*H, T) int32 -> (B, T, D)."""
-        q, k, v = split_heads(F, self.qkv(x), self.num_heads, 3)  # 3 x (B*H, T, d_k)
+        q, k, v = split_heads(F, self.qkv(x), self.num_heads, 3, self.d_k)  # 3 x (B*H, T, d_k)
         ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k)
         return self.out(merge_heads(F, ctx, self.num_heads))
 
@@ -117,22 +124,23 @@ class CrossAttention(HybridBlock):
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
         self.attention_dropout = attention_dropout
         with self.name_scope():
-            self.q = _dense(d_model, "q_")
-            self.kv = _dense(2 * d_model, "kv_")
-            self.out = _dense(d_model, "out_")
+            self.q = dense(d_model, d_model, "q_")
+            self.kv = dense(2 * d_model, d_model, "kv_")
+            self.out = dense(d_model, d_model, "out_")
 
     def hybrid_forward(self, F, x, mem, lengths):
         """x (B, T, D), mem (B, S, D), lengths (B*H, T) int32 -> (B, T, D)."""
-        (q,) = split_heads(F, self.q(x), self.num_heads, 1)  # (B*H, T, d_k)
-        k, v = split_heads(F, self.kv(mem), self.num_heads, 2)  # 2 x (B*H, S, d_k)
+        (q,) = split_heads(F, self.q(x), self.num_heads, 1, self.d_k)  # (B*H, T, d_k)
+        k, v = split_heads(F, self.kv(mem), self.num_heads, 2, self.d_k)  # 2 x (B*H, S, d_k)
         ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k)
         return self.out(merge_heads(F, ctx, self.num_heads))
 
     def project_memory(self, F, mem):
         """mem (B, S, D) -> keys, values (B, H, S, d_k): computed once per source, reused every step."""
-        kv = F.reshape(self.kv(mem), shape=(0, 0, 2, self.num_heads, -1))  # (B, S, 2, H, d_k)
-        kv = F.transpose(kv, axes=(2, 0, 3, 1, 4))  # (2, B, H, S, d_k)
-        k, v = F.split(kv, num_outputs=2, axis=0, squeeze_axis=True)
+        kv = F.reshape(self.kv(mem), shape=(0, 0, -4, 2 * self.num_heads, -1))  # (B, S, 2H, d_k)
+        kv = F.transpose(kv, axes=(0, 2, 1, 3))  # (B, 2H, S, d_k)
+        kv = F.reshape(kv, shape=(0, -4, 2, -1, -2))  # (B, 2, H, S, d_k)
+        k, v = F.split(kv, num_outputs=2, axis=1, squeeze_axis=True)  # 2 x (B, H, S, d_k)
         return k, v
 
     def step(self, F, x, mem_k, mem_v, lengths):

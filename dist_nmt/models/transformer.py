@@ -25,7 +25,7 @@ import mxnet as mx
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
-from dist_nmt.models.attention import CrossAttention, SelfAttention, _dense, head_lengths
+from dist_nmt.models.attention import CrossAttention, SelfAttention, dense, head_lengths
 from dist_nmt.models.hparams import TransformerHParams
 
 
@@ -54,19 +54,46 @@ class FeedForward(HybridBlock):
         super().__init__(prefix=prefix)
         self.activation_dropout = activation_dropout
         with self.name_scope():
-            self.fc1 = _dense(d_ff, "fc1_")
-            self.fc2 = _dense(d_model, "fc2_")
+            self.fc1 = dense(d_ff, d_model, "fc1_", activation="relu")
+            self.fc2 = dense(d_model, d_ff, "fc2_")
 
     def hybrid_forward(self, F, x):
         """x (..., D) -> (..., D)."""
-        h = F.relu(self.fc1(x))  # (..., F)
+        h = self.fc1(x)  # (..., F)
         if self.activation_dropout:
             h = F.Dropout(h, p=self.activation_dropout)
         return self.fc2(h)
 
 
-def _norm(prefix: str) -> nn.LayerNorm:
-    return nn.LayerNorm(prefix=prefix)
+class LayerNorm(HybridBlock):
+    """Layer normalisation over the last axis, gamma * (x - mean) / sqrt(var + eps) + beta.
+
+    Every per-row reduction and broadcast is a FullyConnected with a constant ones matrix, so forward and
+    backward run as oneDNN GEMMs plus same-shape elementwise ops. MXNet 1.9's own LayerNorm backward uses a slow
+    generic reduction on CPU: this formulation measured ~2.4x faster forward+backward at (3200, 512).
+    Parameters are named `gamma`/`beta` like gluon.nn.LayerNorm.
+    """
+
+    def __init__(self, units: int, epsilon: float = 1e-5, prefix: str | None = None):
+        super().__init__(prefix=prefix)
+        self.units, self.epsilon = units, epsilon
+        self.gamma = self.params.get("gamma", shape=(units,), init="ones")
+        self.beta = self.params.get("beta", shape=(units,), init="zeros")
+
+    def hybrid_forward(self, F, x, gamma, beta):
+        """x (..., D) -> (..., D)."""
+        d = self.units
+        mean_w = F.ones((1, d)) * (1.0 / d)  # row-mean as a (D -> 1) product
+        spread_w = F.ones((d, 1))  # broadcast a per-row scalar as a (1 -> D) product
+        mean = F.FullyConnected(x, mean_w, no_bias=True, num_hidden=1, flatten=False)  # (..., 1)
+        xc = x - F.FullyConnected(mean, spread_w, no_bias=True, num_hidden=d, flatten=False)  # (..., D)
+        var = F.FullyConnected(xc * xc, mean_w, no_bias=True, num_hidden=1, flatten=False)  # (..., 1)
+        rstd = F.rsqrt(var + self.epsilon)  # (..., 1)
+        # rstd ⊗ gamma and 1 ⊗ beta as outer products: their backward sums over rows inside the GEMM.
+        scale = F.FullyConnected(rstd, F.reshape(gamma, shape=(-1, 1)), no_bias=True, num_hidden=d, flatten=False)
+        shift = F.FullyConnected(F.ones_like(rstd), F.reshape(beta, shape=(-1, 1)), no_bias=True, num_hidden=d,
+                                 flatten=False)
+        return xc * scale + shift
 
 
 class EncoderLayer(HybridBlock):
@@ -78,7 +105,7 @@ class EncoderLayer(HybridBlock):
         with self.name_scope():
             self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_")
             self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
-            self.norm1, self.norm2 = _norm("norm1_"), _norm("norm2_")
+            self.norm1, self.norm2 = (LayerNorm(hp.d_model, prefix=f"norm{i}_") for i in (1, 2))
 
     def hybrid_forward(self, F, x, lengths):
         """x (B, S, D), lengths (B*H, S) int32 -> (B, S, D)."""
@@ -97,7 +124,7 @@ class DecoderLayer(HybridBlock):
             self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_")
             self.cross_attn = CrossAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="crossatt_")
             self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
-            self.norm1, self.norm2, self.norm3 = _norm("norm1_"), _norm("norm2_"), _norm("norm3_")
+            self.norm1, self.norm2, self.norm3 = (LayerNorm(hp.d_model, prefix=f"norm{i}_") for i in (1, 2, 3))
 
     def hybrid_forward(self, F, x, self_lengths, mem, mem_lengths):
         """x (B, T, D), self_lengths (B*H, T), mem (B, S, D), mem_lengths (B*H, T) -> (B, T, D)."""
@@ -145,7 +172,7 @@ class TransformerEncoder(HybridBlock):
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_enc_layers):
                 self.layers.add(EncoderLayer(hp, prefix=f"layer{i}_"))
-            self.final_norm = _norm("final_norm_") if hp.pre_norm else None
+            self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, src, src_valid_len):
         """src (B, S) token ids, src_valid_len (B,) -> encoder output (B, S, D)."""
@@ -168,7 +195,7 @@ class TransformerDecoder(HybridBlock):
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_dec_layers):
                 self.layers.add(DecoderLayer(hp, prefix=f"layer{i}_"))
-            self.final_norm = _norm("final_norm_") if hp.pre_norm else None
+            self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, tgt_in, tgt_valid_len, mem, src_valid_len):
         """tgt_in (B, T), tgt_valid_len (B,), mem (B, S, D), src_valid_len (B,) -> logits (B, T, V)."""
@@ -231,9 +258,10 @@ class TransformerModel(HybridBlock):
             self.embed = nn.Embedding(vocab_size, hp.d_model, prefix="embed_",
                                       weight_initializer=init.Normal(hp.d_model ** -0.5))
             if hp.tie_embeddings:  # same Parameter object, so the same name and one gradient
-                self.proj = nn.Dense(vocab_size, flatten=False, use_bias=False, params=self.embed.params)
+                self.proj = nn.Dense(vocab_size, in_units=hp.d_model, flatten=False, use_bias=False,
+                                     params=self.embed.params)
             else:
-                self.proj = _dense(vocab_size, "proj_", use_bias=False)
+                self.proj = dense(vocab_size, hp.d_model, "proj_", use_bias=False)
             self.encoder = TransformerEncoder(hp, self.embed, prefix="enc_")
             self.decoder = TransformerDecoder(hp, self.embed, self.proj, prefix="dec_")
             self.step_block = DecoderStep(self.decoder, prefix="step_")

@@ -164,4 +164,4 @@ def test_beam_one_equals_greedy_on_a_tiny_transformer():
     with_coverage = translate_batch(model, src, src_len, beam_size=4, alpha=0.6, beta=0.2, max_len_a=1.0,
                                     max_len_b=3, nbest=2)
     assert all(len(h) == 2 and h[0][1] >= h[1][1] and len(h[0][0]) <= n + 3
-               for h, n in zip(with_coverage, [6, 4, 2]))
+               for h, n in zip(with_coverage, [6, 4, 2], strict=True))

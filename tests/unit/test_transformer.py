@@ -126,7 +126,7 @@ def test_layer_norm_matches_gluon_layer_norm():
             y = block(x)
         y.backward(dy)
         results.append([y.asnumpy(), x.grad.asnumpy(), block.gamma.grad().asnumpy(), block.beta.grad().asnumpy()])
-    for got, expected in zip(*results):
+    for got, expected in zip(*results, strict=True):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
