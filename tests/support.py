@@ -33,3 +33,17 @@ def metrics(run_dir: Path, kind: str) -> list[dict]:
     """Records of one kind from run_dir/metrics.jsonl."""
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
+LAUNCH = {
+    "gloo": [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"],
+    "mpi": [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--mpi",
+            "--mpi-args=--allow-run-as-root --oversubscribe"],
+}
+
+
+def hvd_train(launcher: str, overrides: list[str], env: dict | None = None, **kwargs):
+    """The tiny config under `horovodrun -np 2` on this host (Gloo or MPI)."""
+    return run_cli([*LAUNCH[launcher], PYTHON, "-m", "dist_nmt.train", "--config", TINY, *overrides],
+                   env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "120", **(env or {})}, **kwargs)

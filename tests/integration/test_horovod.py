@@ -9,22 +9,11 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from support import FAST, PYTHON, ROOT, TINY, metrics, run_cli, train
+from support import FAST, LAUNCH, PYTHON, ROOT, TINY, hvd_train, metrics, train
 
-HOROVODRUN = str(ROOT / ".venv" / "bin" / "horovodrun")
-LAUNCH = {
-    "gloo": [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--gloo"],
-    "mpi": [HOROVODRUN, "-np", "2", "-H", "localhost:2", "--mpi",
-            "--mpi-args=--allow-run-as-root --oversubscribe"],
-}
 # No dropout: a 2-rank step and a 1-process step over the same two shards then compute the same gradients.
 DETERMINISTIC = ["model.transformer.dropout=0", "model.transformer.attention_dropout=0", "train.data_shards=2",
                  "train.log_every_updates=1"]
-
-
-def hvd_train(launcher: str, overrides: list[str], env: dict | None = None, **kwargs):
-    return run_cli([*LAUNCH[launcher], PYTHON, "-m", "dist_nmt.train", "--config", TINY, *overrides],
-                   env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "120", **(env or {})}, **kwargs)
 
 
 def _load(path) -> dict[str, np.ndarray]:

@@ -1,0 +1,69 @@
+"""Dynamic loss scaling on CPU (fp32 with scaling): one rank's overflow is everyone's skip, scaling changes
+nothing numerically, and the scale survives a resume. fp16 itself needs a GPU and is refused here."""
+import mxnet as mx
+import numpy as np
+
+from integration.test_horovod import LAUNCH, hvd_train  # noqa: F401  (launcher definitions)
+from support import FAST, metrics, train
+
+SCALED = ["precision.loss_scaling=dynamic", "precision.init_scale=1024", "precision.growth_interval=3",
+          "train.log_every_updates=1", "model.transformer.dropout=0", "model.transformer.attention_dropout=0"]
+
+
+def _load(path) -> dict[str, np.ndarray]:
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+def _last(run) -> dict[str, np.ndarray]:
+    return _load(sorted((run / "checkpoints").glob("ckpt-*"))[-1] / "model.params")
+
+
+def test_overflow_on_one_rank_skips_on_all_backs_off_and_grows_back(tmp_path, prepared):
+    common = [prepared, *FAST, *SCALED, "train.max_updates=10", "train.data_shards=2"]
+    one, every, dump = tmp_path / "one", tmp_path / "every", tmp_path / "dump"
+    proc = hvd_train("gloo", [*common, f"train.run_dir={one}", "dist.consistency_check_every_updates=5"],
+                     env={"DIST_NMT_INJECT_NAN": "4@1", "DIST_NMT_DUMP_PARAMS": str(dump)})
+    assert "update 4 skipped" in proc.stdout + proc.stderr
+    scales = [r["loss_scale"] for r in metrics(one, "train")]
+    # growth every 3 clean updates: 1024 -> 2048 (after 3), overflow at 4 halves, then grows again after 7.
+    assert scales[2] == 2048 and scales[3] == 1024 and scales[6] == 2048 and scales[9] == 4096, scales
+    rank0, rank1 = _load(dump / "rank0.params"), _load(dump / "rank1.params")
+    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0)
+    # The same update overflowing on every rank gives the same parameters: a one-rank overflow is a global skip.
+    hvd_train("gloo", [*common, f"train.run_dir={every}"], env={"DIST_NMT_INJECT_NAN": "4"})
+    reference = _last(every)
+    assert all(np.array_equal(rank0[k], reference[k]) for k in rank0)
+    assert not all(np.array_equal(rank0[k], _last_unscaled(tmp_path, prepared)[k]) for k in rank0)
+
+
+def _last_unscaled(tmp_path, prepared):
+    run = tmp_path / "clean"
+    if not run.exists():
+        hvd_train("gloo", [prepared, *FAST, *SCALED, "train.max_updates=10", "train.data_shards=2",
+                           f"train.run_dir={run}"])
+    return _last(run)
+
+
+def test_loss_scaled_fp32_equals_unscaled(tmp_path, prepared):
+    common = [prepared, *FAST, "train.max_updates=8", "model.transformer.dropout=0"]
+    train([*common, f"train.run_dir={tmp_path / 'plain'}"])
+    train([*common, f"train.run_dir={tmp_path / 'scaled'}", "precision.loss_scaling=dynamic",
+           "precision.init_scale=65536"])
+    a, b = _last(tmp_path / "plain"), _last(tmp_path / "scaled")
+    # Scaling by 2^16 is exact; the unscale rounds differently by ~1 ulp, which Adam amplifies for weights whose
+    # gradient is ~0 (m / sqrt(v) of noise). 8 updates move weights by ~1e-3, so 1e-4 still catches a wrong unscale.
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-4, err_msg=name)
+
+
+def test_resume_restores_loss_scale(tmp_path, prepared):
+    run = tmp_path / "run"
+    common = [prepared, *FAST, *SCALED, "precision.growth_interval=100", f"train.run_dir={run}"]
+    train([*common, "train.max_updates=5"], env={"DIST_NMT_INJECT_NAN": "2,3"})
+    train([*common, "train.max_updates=7"])
+    assert [r["loss_scale"] for r in metrics(run, "train")] == [1024, 512, 256, 256, 256, 256, 256]
+
+
+def test_fp16_on_cpu_is_refused_at_start(tmp_path, prepared):
+    proc = train([prepared, *FAST, f"train.run_dir={tmp_path}", "precision.dtype=fp16"], check=False)
+    assert proc.returncode == 1 and "needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
