@@ -8,11 +8,12 @@ PY=${PYTHON:-python3}
 log() { printf '[bootstrap] %s\n' "$*"; }
 
 # 1. System packages (Open MPI for Horovod's MPI controller and mpi4py).
-if ! dpkg -s libopenmpi-dev openmpi-bin >/dev/null 2>&1; then
-  log "installing Debian packages libopenmpi-dev openmpi-bin"
+DEB_PACKAGES="libopenmpi-dev openmpi-bin iproute2"  # iproute2: the two-host (network namespace) test
+if ! dpkg -s $DEB_PACKAGES >/dev/null 2>&1; then
+  log "installing Debian packages $DEB_PACKAGES"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $DEB_PACKAGES >/dev/null
 fi
 
 # 2. Virtualenv.

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from mxnet.gluon import HybridBlock
 
+from dist_nmt.models.gnmt import GNMTModel
 from dist_nmt.models.hparams import GNMTHParams, TransformerHParams
 from dist_nmt.models.transformer import TransformerModel
 
 MODELS: dict[str, type[HybridBlock]] = {
     "transformer": TransformerModel,
+    "gnmt": GNMTModel,
 }
 
 

@@ -171,3 +171,44 @@ def test_presets_load(preset):
         model.initialize()
         src, src_len, tgt, tgt_len = batch()
         assert model(src, src_len, tgt, tgt_len).shape == (3, 6, VOCAB)
+
+
+def test_registered_in_models():
+    from dist_nmt.models import build_model
+
+    assert isinstance(build_model("gnmt", tiny(), VOCAB), GNMTModel)
+
+
+def _hand_greedy(model, src, src_len, max_lengths, bos_id: int = 2, eos_id: int = 3):
+    """Plain argmax loop over decode_step (EOS forced at each row's cap); returns [(tokens, summed log-prob)]."""
+    states = model.init_decode_states(model.encode(src, src_len), int(max(max_lengths)) + 1)
+    tokens = mx.nd.full((src.shape[0],), bos_id)
+    out = [([], 0.0, False) for _ in range(src.shape[0])]
+    for t in range(int(max(max_lengths)) + 1):
+        log_probs, states, _ = model.decode_step(tokens, states)
+        log_probs = log_probs.asnumpy()
+        best = log_probs.argmax(axis=1)
+        for b, (toks, score, done) in enumerate(out):
+            if done:
+                continue
+            best[b] = eos_id if t >= max_lengths[b] else best[b]
+            out[b] = (toks + ([] if best[b] == eos_id else [int(best[b])]), score + log_probs[b, best[b]],
+                      bool(best[b] == eos_id))
+        tokens = mx.nd.array(best)
+    return [(toks, score) for toks, score, _ in out]
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_beam_one_equals_greedy_and_beam_search_runs(hybridize):
+    from dist_nmt.decode import max_output_lengths, translate_batch
+
+    model = build(tiny(), hybridize=hybridize)
+    src, src_len, _, _ = batch()
+    hyps = translate_batch(model, src, src_len, beam_size=1, alpha=0.0, beta=0.0, max_len_a=1.0, max_len_b=2)
+    expected = _hand_greedy(model, src, src_len, max_output_lengths(src_len.asnumpy(), 1.0, 2))
+    for (best,), (tokens, score) in zip(hyps, expected, strict=True):
+        assert best[0] == tokens
+        assert best[1] == pytest.approx(score, abs=1e-4)
+    beams = translate_batch(model, src, src_len, beam_size=3, alpha=0.6, beta=0.2, max_len_a=1.0, max_len_b=2,
+                            nbest=3)
+    assert all(len(nbest) == 3 and np.isfinite([s for _, s in nbest]).all() for nbest in beams)
