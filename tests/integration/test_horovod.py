@@ -100,3 +100,28 @@ def test_killed_worker_ends_job_within_bound_and_relaunch_resumes(tmp_path, prep
     proc = hvd_train("gloo", [prepared, *FAST, f"train.run_dir={run}", "train.max_updates=12"])
     assert "resumed from" in proc.stdout + proc.stderr
     assert sorted((run / "checkpoints").glob("ckpt-*"))[-1].name == "ckpt-00000012"
+
+
+def metrics_written(run) -> bool:
+    path = run / "metrics.jsonl"
+    return path.is_file() and path.stat().st_size > 0
+
+
+def test_sigterm_on_launcher_makes_rank0_checkpoint(tmp_path, prepared):
+    run = tmp_path / "run"
+    args = [*LAUNCH["gloo"], PYTHON, "-m", "dist_nmt.train", "--config", TINY, prepared, *FAST,
+            f"train.run_dir={run}", "train.max_updates=100000", "train.log_every_updates=5"]
+    job = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while not metrics_written(run) and time.time() < deadline:
+            time.sleep(0.5)
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert "stopping at update" in output and ": signal" in output
+    checkpoints = sorted((run / "checkpoints").glob("ckpt-*"))
+    assert checkpoints and int(checkpoints[-1].name.split("-")[1]) >= 5
