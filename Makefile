@@ -7,7 +7,7 @@ CONFIG ?= configs/multi30k.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap train prepare test test-slow test-all lint bench clean
+.PHONY: bootstrap train prepare test test-slow test-slurm test-all lint bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -20,6 +20,9 @@ train: prepare
 
 test: bootstrap
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slurm: bootstrap
+	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS) tests
 
 test-slow: bootstrap
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
