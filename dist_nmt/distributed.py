@@ -150,11 +150,21 @@ def allgather_object(obj: Any, name: str) -> list:
     return hvd.allgather_object(obj, name=name)
 
 
-def shutdown() -> None:
-    """Tear Horovod down (safe to call when it never started)."""
+def shutdown(barrier: bool = False) -> None:
+    """Tear Horovod down (safe to call when it never started).
+
+    MXNet runs collectives asynchronously: rank 0 can leave its last broadcast before the others have received it,
+    and a rank that exits early makes mpirun/horovodrun kill the rest (e.g. rank 0 mid-checkpoint). After a normal
+    end, `barrier=True` makes every rank wait for all the others before shutting down.
+    """
     try:
         import horovod.mxnet as hvd
+        import mxnet as mx
     except ImportError:
         return
-    if hvd.is_initialized():
-        hvd.shutdown()
+    if not hvd.is_initialized():
+        return
+    mx.nd.waitall()
+    if barrier and hvd.size() > 1:
+        hvd.allreduce(mx.nd.zeros((1,)), average=False, name="shutdown.barrier").wait_to_read()
+    hvd.shutdown()

@@ -132,8 +132,11 @@ def _seed_for(seed: int, update: int, rank: int) -> int:
     return (seed * 1_000_003 + update * 7_919 + rank) % (2**31 - 1)
 
 
-def train(cfg) -> dict:
-    """Train `cfg` to completion (or until stopped), checkpointing in `cfg.train.run_dir`; return a summary."""
+def train(cfg, stop: StopSignal | None = None) -> dict:
+    """Train `cfg` to completion (or until stopped), checkpointing in `cfg.train.run_dir`; return a summary.
+
+    `stop` remembers SIGTERM/SIGINT/SIGUSR1 (install it as early as possible; a fresh one is made if None).
+    """
     import mxnet as mx
     from tqdm import tqdm
 
@@ -169,7 +172,7 @@ def train(cfg) -> dict:
     distributed.broadcast_parameters(model.collect_params())
     start_run_dir(cfg, world)
     writer = MetricsWriter(t.run_dir, world.is_primary)
-    stop, start = StopSignal(), time.time()
+    stop, start = stop or StopSignal(), time.time()
     injected = _nan_injection(os.environ.get("DIST_NMT_INJECT_NAN", ""), world.size)
     log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
              cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_updates=20")
     args = parser.parse_args(argv)
+    stop = StopSignal()  # before the slow start-up, so an early preemption signal is not fatal
     distributed.configure_threads()  # before mxnet is imported: OpenMP reads it once
     from dist_nmt.config import ConfigError, load_config
 
@@ -273,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     from dist_nmt.precision import PrecisionError
 
     try:
-        summary = train(cfg)
+        summary = train(cfg, stop)
     except (TrainingError, CheckpointError, DataError, PrecisionError) as err:
         logging.getLogger("dist_nmt").error("%s", err)
-        return 1
-    finally:
         distributed.shutdown()
+        return 1
+    distributed.shutdown(barrier=True)
     return 0 if summary["completed"] else 143
 
 

@@ -65,8 +65,9 @@ def prepared(tmp_path_factory) -> str:
 def submit(run_dir: Path, overrides: list[str], name: str) -> tuple[int, Path]:
     """sbatch the template with 2 tasks x 1 CPU on the tiny config; returns (job id, Slurm output file)."""
     out = run_dir.parent / f"{name}.out"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the template must set it itself
-    env.update(CONFIG=TINY, RUN_DIR=str(run_dir), PYTHON=sys.executable, DIST_NMT_DIR=str(ROOT))
+    # A stray OMP_NUM_THREADS in the submitting shell must not win over --cpus-per-task.
+    env = {**os.environ, "OMP_NUM_THREADS": "7", "CONFIG": TINY, "RUN_DIR": str(run_dir), "PYTHON": sys.executable,
+           "DIST_NMT_DIR": str(ROOT)}
     cmd = ["sbatch", "--parsable", f"--job-name={name}", f"--output={out}", "--nodes=1", "--ntasks-per-node=2",
            "--cpus-per-task=1", "--time=15", str(SBATCH), *overrides]
     job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
@@ -139,6 +140,9 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm, prepared, tmp_path) -> 
     train_log = (run_dir / "train.log").read_text()
     resumed = RESUMED.findall(train_log)
     assert len(resumed) == 1 and int(resumed[0][1]) > 0, context
+    # The SIGTERM checkpoint, not just the last periodic one: nothing after the requeue is lost.
+    stopped = re.search(r"stopping at update (\d+): signal", train_log)
+    assert stopped and int(resumed[0][1]) == int(stopped.group(1)), context
     assert re.search(r"TEST .*sacreBLEU", train_log), context
     assert checkpoints(run_dir)[-1].name == "ckpt-00000060", context
 
