@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 StepFn = Callable[[mx.nd.NDArray, list], tuple]
 Hypothesis = tuple[list[int], float]  # (token ids without BOS/EOS, score)
 COVERAGE_FLOOR = 1e-10  # keeps log(coverage) finite for source words that got no attention at all
+COMPACT_FRACTION = 0.125  # drop finished sentences from the batch once they are this share of it
 
 
 def length_penalty(length, alpha: float):
@@ -106,6 +107,7 @@ class _Search:
     history: np.ndarray  # (n, K, t) generated tokens
     max_lengths: np.ndarray  # (n,)
     coverage: np.ndarray | None  # (n, K, S) summed attention, only when beta > 0
+    frozen: np.ndarray  # (n,) done, but still in the batch until enough are done to compact
     finished: list[list[tuple[float, list[int]]]] = field(default_factory=list)  # per original sentence
 
 
@@ -113,18 +115,23 @@ def _start(batch_size: int, k: int, max_lengths: np.ndarray) -> _Search:
     scores = np.full((batch_size, k), -np.inf)
     scores[:, 0] = 0.0  # all K beams start identical: expand only the first
     return _Search(np.arange(batch_size), scores, np.zeros((batch_size, k, 0), dtype=np.int64),
-                   max_lengths.copy(), None, [[] for _ in range(batch_size)])
+                   max_lengths.copy(), None, np.zeros(batch_size, dtype=bool), [[] for _ in range(batch_size)])
 
 
 def _top_candidates(log_probs, scores: np.ndarray, k: int):
-    """Best 2K (score, beam, token) per sentence over all K*V expansions: each (n, 2K), best first."""
-    n = scores.shape[0]
-    vocab = log_probs.shape[1]
-    prev = mx.nd.array(scores.reshape(-1, 1), ctx=log_probs.context)
-    cand = mx.nd.broadcast_add(log_probs, prev).reshape((n, -1))  # (n, K*V)
-    values, indices = mx.nd.topk(cand, axis=1, k=min(2 * k, k * vocab), ret_typ="both", dtype="int32")
-    indices = indices.asnumpy()
-    return values.asnumpy().astype(np.float64), indices // vocab, indices % vocab
+    """Best 2K (score, beam, token) per sentence over all K*V expansions: each (n, 2K), best first.
+
+    The sentence's best 2K are among the best 2K of each of its beams, so a per-row top-k of the log-probs
+    (no pass adding the beam scores over the whole (n*K, V) array) and a tiny numpy merge suffice.
+    """
+    n, vocab = scores.shape[0], log_probs.shape[1]
+    top = min(2 * k, vocab)
+    values, tokens = mx.nd.topk(log_probs, axis=1, k=top, ret_typ="both", dtype="int32")  # (n*K, 2K)
+    values = values.asnumpy().astype(np.float64).reshape(n, k * top) + np.repeat(scores, top, axis=1)
+    tokens = tokens.asnumpy().reshape(n, k * top)
+    best = np.argsort(-values, axis=1, kind="stable")[:, :2 * k]  # (n, 2K)
+    return (np.take_along_axis(values, best, axis=1), best // top,
+            np.take_along_axis(tokens, best, axis=1).astype(np.int64))
 
 
 def _forced_eos(log_probs, scores: np.ndarray, rows: np.ndarray, eos_id: int, k: int):
@@ -207,14 +214,19 @@ def beam_search(step_fn: StepFn, states: list, batch_size: int, beam_size: int, 
         if forced.any():
             rows = np.flatnonzero(forced)
             values[rows], beams[rows], toks[rows] = _forced_eos(log_probs, search.scores, rows, eos_id, k)
-        for i, r in np.argwhere((toks[:, :k] == eos_id) & np.isfinite(values[:, :k])):
+        live = ~search.frozen
+        for i, r in np.argwhere((toks[:, :k] == eos_id) & np.isfinite(values[:, :k]) & live[:, None]):
             _finish(search, i, beams[i, r], values[i, r], t + 1, alpha, beta, src_lengths, k)
         new_beams, new_tokens = _advance(search, values, beams, toks, eos_id, k)
-        done = forced | np.array([_cannot_improve(search, i, search.scores[i, 0], t, alpha, k)
-                                  for i in range(len(search.sent_ids))], dtype=bool)
-        if done.all():
+        search.frozen |= live & (forced | np.array([_cannot_improve(search, i, search.scores[i, 0], t, alpha, k)
+                                                    for i in range(len(live))], dtype=bool))
+        if search.frozen.all():
             break
-        states, tokens = _compact(search, states, new_beams, new_tokens, ~done, k, static_states)
+        # Dropping rows changes the step's input shapes (new oneDNN primitives, new memory plan), so finished
+        # sentences ride along until they make up a good share of the batch.
+        compact = search.frozen.sum() >= COMPACT_FRACTION * len(live)
+        keep = ~search.frozen if compact else np.ones(len(live), dtype=bool)
+        states, tokens = _compact(search, states, new_beams, new_tokens, keep, k, static_states)
     return [[(hyp, score) for score, hyp in done_list[:nbest]] for done_list in search.finished]
 
 
@@ -232,6 +244,7 @@ def _compact(search: _Search, states: list, new_beams: np.ndarray, new_tokens: n
                   for i, s in enumerate(states)]
         search.sent_ids, search.scores = search.sent_ids[kept], search.scores[kept]
         search.history, search.max_lengths = search.history[kept], search.max_lengths[kept]
+        search.frozen = search.frozen[kept]
         if search.coverage is not None:
             search.coverage = search.coverage[kept]
     tokens = mx.nd.array(new_tokens[kept].reshape(-1), ctx=log_probs_ctx(states))

@@ -63,14 +63,11 @@ def attend(F, q, k, v, lengths, dropout: float, d_k: int):
 
 
 def attend_step(F, q, k, v, lengths, d_k: int):
-    """One query per row against cached keys.
+    """One query per row against cached keys, heads flattened into the batch.
 
-    q (N, H, d_k), k and v (N, H, L, d_k), lengths (N*H, 1) int32 -> context (N, D), probs (N, H, L).
+    q (N*H, 1, d_k), k and v (N*H, L, d_k), lengths (N*H, 1) int32 -> context (N*H, d_k, 1), probs (N*H, 1, L).
     The key matrix is the left operand (a batched matrix-vector product), measured faster than q·Kᵀ here.
     """
-    q = F.reshape(q, shape=(-3, 1, -1))  # (N*H, 1, d_k)
-    k = F.reshape(k, shape=(-3, 0, 0))  # (N*H, L, d_k)
-    v = F.reshape(v, shape=(-3, 0, 0))  # (N*H, L, d_k)
     scores = F.reshape(F.batch_dot(k, q, transpose_b=True), shape=(0, 1, -1))  # (N*H, 1, L)
     probs = F.softmax(scores, length=lengths, use_length=True, axis=-1, temperature=math.sqrt(d_k))
     ctx = F.batch_dot(v, probs, transpose_a=True, transpose_b=True)  # (N*H, d_k, 1)
@@ -107,11 +104,16 @@ class SelfAttention(HybridBlock):
         return self.out(merge_heads(F, ctx, self.num_heads))
 
     def step(self, F, x, k_cache, v_cache, lengths):
-        """x (N, D), caches (N, H, t+1, d_k) newest first, lengths (N*H, 1) -> out (N, D), new caches."""
+        """x (N, D), caches (N*H, t+1, d_k) newest first, lengths (N*H, 1) -> out (N, D), caches (N*H, t+2, d_k).
+
+        Caches arrive with heads already merged into the batch axis (a free view made outside the graph):
+        reshaping a graph input inside the graph would copy the whole cache every step.
+        """
         qkv = F.reshape(self.qkv(x), shape=(0, 3, self.num_heads, -1))  # (N, 3, H, d_k)
-        q, k, v = F.split(qkv, num_outputs=3, axis=1, squeeze_axis=True)  # 3 x (N, H, d_k)
-        k_cache = F.concat(F.expand_dims(k, axis=2), k_cache, dim=2)  # (N, H, t+2, d_k)
-        v_cache = F.concat(F.expand_dims(v, axis=2), v_cache, dim=2)  # (N, H, t+2, d_k)
+        q, k, v = (F.reshape(part, shape=(-3, 1, -1))  # (N*H, 1, d_k)
+                   for part in F.split(qkv, num_outputs=3, axis=1, squeeze_axis=True))
+        k_cache = F.concat(k, k_cache, dim=1)  # (N*H, t+2, d_k)
+        v_cache = F.concat(v, v_cache, dim=1)  # (N*H, t+2, d_k)
         ctx, _ = attend_step(F, q, k_cache, v_cache, lengths, self.d_k)
         return self.out(F.reshape(ctx, shape=(-1, self.d_model))), k_cache, v_cache  # (N, D)
 
@@ -144,10 +146,9 @@ class CrossAttention(HybridBlock):
         return k, v
 
     def step(self, F, x, mem_k, mem_v, lengths):
-        """x (N, D), mem_k/mem_v (N, H, S, d_k), lengths (N*H, 1) -> out (N, D), probs (N, H, S)."""
-        q = F.reshape(self.q(x), shape=(0, self.num_heads, -1))  # (N, H, d_k)
+        """x (N, D), mem_k/mem_v (N*H, S, d_k), lengths (N*H, 1) -> out (N, D), probs (N, H, S)."""
+        q = F.reshape(self.q(x), shape=(-1, 1, self.d_k))  # (N*H, 1, d_k)
         ctx, probs = attend_step(F, q, mem_k, mem_v, lengths, self.d_k)
         out = self.out(F.reshape(ctx, shape=(-1, self.d_model)))  # (N, D)
         probs = F.reshape(F.reshape(probs, shape=(0, -1)), shape=(-4, -1, self.num_heads, 0))  # (N, H, S)
         return out, probs
-

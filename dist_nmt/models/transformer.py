@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 
 import mxnet as mx
 from mxnet import init
@@ -80,6 +81,15 @@ class LayerNorm(HybridBlock):
         self.gamma = self.params.get("gamma", shape=(units,), init="ones")
         self.beta = self.params.get("beta", shape=(units,), init="zeros")
 
+    def inference(self, F, x):
+        """Same function through MXNet's fused LayerNorm: fewer ops for the small per-step decoder inputs, where
+        no backward is needed. Usable inside another block's graph (reads the parameters as symbols there)."""
+        if F is mx.sym:
+            gamma, beta = self.gamma.var(), self.beta.var()
+        else:
+            gamma, beta = self.gamma.data(x.context), self.beta.data(x.context)
+        return F.LayerNorm(x, gamma, beta, axis=-1, eps=self.epsilon)
+
     def hybrid_forward(self, F, x, gamma, beta):
         """x (..., D) -> (..., D)."""
         d = self.units
@@ -139,12 +149,13 @@ class DecoderLayer(HybridBlock):
 
         Returns x (N, D), new caches (N, H, t+2, d_k) and cross-attention probs (N, H, S).
         """
-        pre, drop = self.pre_norm, self.dropout
+        pre = self.pre_norm  # no dropout at inference; fused LayerNorm (no backward needed)
+        norm1, norm2, norm3 = (partial(n.inference, F) for n in (self.norm1, self.norm2, self.norm3))
         x, (k_cache, v_cache) = residual(
-            F, x, self.norm1, lambda h: self.self_attn.step(F, h, k_cache, v_cache, self_lengths), pre, drop)
+            F, x, norm1, lambda h: self.self_attn.step(F, h, k_cache, v_cache, self_lengths), pre, 0.0)
         x, (probs,) = residual(
-            F, x, self.norm2, lambda h: self.cross_attn.step(F, h, mem_k, mem_v, mem_lengths), pre, drop)
-        x, _ = residual(F, x, self.norm3, lambda h: (self.ffn(h),), pre, drop)
+            F, x, norm2, lambda h: self.cross_attn.step(F, h, mem_k, mem_v, mem_lengths), pre, 0.0)
+        x, _ = residual(F, x, norm3, lambda h: (self.ffn(h),), pre, 0.0)
         return x, k_cache, v_cache, probs
 
 
@@ -225,9 +236,9 @@ class DecoderStep(HybridBlock):
 
     def hybrid_forward(self, F, tokens, step, src_valid_len, *caches):
         """tokens (N,), step (N,) position of `tokens`, src_valid_len (N,), caches = mem k/v per layer
-        (N, H, S, d_k) then self k/v per layer (N, H, t+1, d_k).
+        (N*H, S, d_k) then self k/v per layer (N*H, t+1, d_k).
 
-        Returns [log_probs (N, V), attn (N, S), step + 1, new self k/v per layer (N, H, t+2, d_k)...].
+        Returns [log_probs (N, V), attn (N, S), step + 1, new self k/v per layer (N*H, t+2, d_k)...].
         """
         hp, dec = self.hp, self.decoder
         x = dec.embed(tokens) * math.sqrt(hp.d_model) + positional_encoding(F, step, hp.d_model)  # (N, D)
@@ -240,7 +251,7 @@ class DecoderStep(HybridBlock):
             x, k, v, probs = layer.step(F, x, cache[2 * i], cache[2 * i + 1], self_lengths,
                                         mem[2 * i], mem[2 * i + 1], mem_lengths)
             new_cache += [k, v]
-        x = dec.final_norm(x) if dec.final_norm is not None else x
+        x = dec.final_norm.inference(F, x) if dec.final_norm is not None else x
         log_probs = F.log_softmax(dec.proj(x), axis=-1)  # (N, V)
         attn = F.mean(probs, axis=1)  # (N, S): last layer, averaged over heads
         return [log_probs, attn, step + 1] + new_cache
@@ -271,6 +282,13 @@ class TransformerModel(HybridBlock):
         mem = self.encoder(src, src_valid_len)
         return self.decoder(tgt_in, tgt_valid_len, mem, src_valid_len)
 
+    def hybridize(self, active: bool = True, **kwargs) -> None:
+        """Hybridize everything as asked, except that the decode step never uses static memory planning: its
+        cache inputs grow by one slot per step, and re-planning static memory for every new shape measured
+        slower than the dynamic allocator."""
+        super().hybridize(active, **kwargs)
+        self.step_block.hybridize(active, **{**kwargs, "static_alloc": False, "static_shape": False})
+
     def encode(self, src, src_valid_len) -> list:
         """Encoder states [memory (B, S, D), src_valid_len (B,)], batch-first."""
         return [self.encoder(src, src_valid_len), src_valid_len]
@@ -298,10 +316,13 @@ class TransformerModel(HybridBlock):
     def decode_step(self, tokens, states: list):
         """tokens (N,) -> (log_probs (N, V), new states, attn (N, S) last-layer cross-attention, head mean)."""
         num_static = 2 + 2 * self.hp.num_dec_layers
+        # Heads go into the batch axis as free views here; the same reshape inside the graph would copy.
+        heads = [s.reshape((-1,) + s.shape[2:]) for s in states[2:]]  # (N*H, L, d_k)
         with warnings.catch_warnings():
             # The step graph gets projected memory as input, so the cross-attention K/V weights it holds
             # (shared with the full decoder) are unused there by design.
             warnings.filterwarnings("ignore", message="Parameter .* is not used by any computation")
-            out = self.step_block(tokens, *states)
+            out = self.step_block(tokens, states[0], states[1], *heads)
         log_probs, attn, step, new_cache = out[0], out[1], out[2], out[3:]
-        return log_probs, [step] + list(states[1:num_static]) + list(new_cache), attn
+        new_cache = [c.reshape((-1, self.hp.num_heads) + c.shape[1:]) for c in new_cache]  # (N, H, t+2, d_k)
+        return log_probs, [step] + list(states[1:num_static]) + new_cache, attn

@@ -50,9 +50,9 @@ def test_self_attention_step_with_cache_equals_causal_attention():
     x = mx.nd.random.normal(shape=(3, 4, 8))  # B=3, T=4
     causal = head_lengths(mx.nd, mx.nd.array(np.tile(np.arange(1, 5), (3, 1))), num_heads=2)
     full = attn(x, causal).asnumpy()
-    k_cache = v_cache = mx.nd.zeros((3, 2, 1, 4))
+    k_cache = v_cache = mx.nd.zeros((6, 1, 4))  # (B*H, 1 dummy slot, d_k)
     for t in range(4):
         step_lengths = mx.nd.full((6, 1), t + 1, dtype="int32")
         out, k_cache, v_cache = attn.step(mx.nd, x[:, t], k_cache, v_cache, step_lengths)
         np.testing.assert_allclose(out.asnumpy(), full[:, t], atol=1e-5)
-    assert k_cache.shape == (3, 2, 5, 4)  # 4 steps + the masked dummy slot
+    assert k_cache.shape == (6, 5, 4)  # 4 steps + the masked dummy slot

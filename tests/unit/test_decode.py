@@ -135,11 +135,14 @@ def reference_beam(score_next, beam: int, max_len: int, alpha: float) -> tuple[l
 
 
 @pytest.mark.parametrize("beam,alpha,seed", [(1, 0.0, 1), (2, 0.0, 5), (3, 0.0, 1), (3, 0.8, 5), (5, 1.0, 1)])
-def test_batched_search_with_reordered_states_matches_plain_reference(beam, alpha, seed):
-    max_lengths = [6, 2, 4]  # sentences stop at different steps, so finished ones are dropped from the batch
-    step, score_next = second_order_step(vocab=7, seed=seed, num_sentences=3)
-    states = repeat_states([mx.nd.full((3, 2), BOS), mx.nd.arange(3)], beam)
-    hyps = beam_search(step, states, 3, beam, BOS, EOS, max_lengths, alpha, static_states=(1,))
+@pytest.mark.parametrize("max_lengths", [[6, 2, 4], [6, 2, 4, 5, 3, 6, 1, 4, 2, 5, 6, 6]])
+def test_batched_search_with_reordered_states_matches_plain_reference(beam, alpha, seed, max_lengths):
+    # Sentences stop at different steps: finished ones ride along for a while (12 sentences) or are dropped from
+    # the batch at once (3 sentences), and the static state must follow that.
+    num = len(max_lengths)
+    step, score_next = second_order_step(vocab=7, seed=seed, num_sentences=num)
+    states = repeat_states([mx.nd.full((num, 2), BOS), mx.nd.arange(num)], beam)
+    hyps = beam_search(step, states, num, beam, BOS, EOS, max_lengths, alpha, static_states=(1,))
     for sentence, max_len in enumerate(max_lengths):
         expected_tokens, expected_score = reference_beam(partial(score_next, sentence), beam, max_len, alpha)
         assert hyps[sentence][0][0] == expected_tokens
