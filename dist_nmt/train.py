@@ -88,14 +88,11 @@ def _build_model(cfg, vocab_size: int, ctx):
     import mxnet as mx
 
     from dist_nmt.models import build_model
+    from dist_nmt.precision import init_amp
 
-    if cfg.precision.dtype == "fp16":
-        # GPU only (check_precision refuses it on CPU). AMP casts matmuls to fp16 and must patch the operators
-        # before the network is built. Loss scaling stays with our LossScaler (one state machine, reduced
-        # gradients), so amp.init_trainer is deliberately not called: it would install a second scaler.
-        from mxnet.contrib import amp
-
-        amp.init(target_dtype="float16")
+    # Loss scaling stays with our LossScaler (one state machine over reduced gradients), so amp.init_trainer is
+    # deliberately not called: it would install a second scaler.
+    init_amp(cfg.precision.dtype)
     hparams = getattr(cfg.model, cfg.model.arch)
     model = build_model(cfg.model.arch, hparams, vocab_size)
     mx.random.seed(cfg.train.seed)

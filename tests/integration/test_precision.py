@@ -67,3 +67,15 @@ def test_resume_restores_loss_scale(tmp_path, prepared):
 def test_fp16_on_cpu_is_refused_at_start(tmp_path, prepared):
     proc = train([prepared, *FAST, f"train.run_dir={tmp_path}", "precision.dtype=fp16"], check=False)
     assert proc.returncode == 1 and "needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, prepared):
+    common = [prepared, *FAST, "train.max_updates=40", "train.log_every_updates=10", "model.transformer.dropout=0"]
+    train([*common, f"train.run_dir={tmp_path / 'fp32'}"])
+    train([*common, f"train.run_dir={tmp_path / 'bf16'}", "precision.dtype=bf16"])
+    fp32 = [r["loss"] for r in metrics(tmp_path / "fp32", "train")]
+    bf16 = [r["loss"] for r in metrics(tmp_path / "bf16", "train")]
+    assert bf16[-1] < bf16[0] - 0.5
+    # Measured: bf16 learns, but lags fp32 early (6.50 vs 6.10 after 40 updates; logits and LayerNorm
+    # statistics come out of bf16 matmuls). The bound catches a broken bf16 path, not the known gap.
+    np.testing.assert_allclose(bf16, fp32, rtol=0.10)
