@@ -156,7 +156,7 @@ def test_residual_from_layer_is_respected():
 
 
 @pytest.mark.parametrize("field,value", [("residual_from_layer", 1), ("hidden_size", 15), ("num_bi_layers", 4),
-                                         ("attention", "dot")])
+                                         ("num_dec_layers", 1), ("attention", "dot")])
 def test_invalid_sizes_raise(field, value):
     with pytest.raises(ValueError, match=field):
         GNMTModel(tiny(**{field: value}), VOCAB)
