@@ -125,3 +125,15 @@ def test_sigterm_on_launcher_makes_rank0_checkpoint(tmp_path, prepared):
     assert "stopping at update" in output and ": signal" in output
     checkpoints = sorted((run / "checkpoints").glob("ckpt-*"))
     assert checkpoints and int(checkpoints[-1].name.split("-")[1]) >= 5
+
+
+def test_gnmt_two_ranks_hold_identical_parameters(tmp_path, prepared):
+    dump = tmp_path / "dump"
+    gnmt = ["model.arch=gnmt", "model.gnmt.hidden_size=32", "model.gnmt.embed_size=32",
+            "model.gnmt.residual_from_layer=2"]
+    proc = hvd_train("gloo", [prepared, *FAST, *gnmt, f"train.run_dir={tmp_path / 'run'}", "train.max_updates=6",
+                              "dist.consistency_check_every_updates=3"], env={"DIST_NMT_DUMP_PARAMS": str(dump)})
+    assert "update 6: parameters identical on all 2 ranks" in proc.stdout + proc.stderr
+    rank0, rank1 = _load(dump / "rank0.params"), _load(dump / "rank1.params")
+    assert "training gnmt on 2 process(es)" in proc.stdout + proc.stderr
+    assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0)
