@@ -68,6 +68,11 @@ def take_rows(states: list, rows: np.ndarray, skip: Sequence[int] = ()) -> list:
     return [s if i in skip else mx.nd.take(s, index, axis=0) for i, s in enumerate(states)]
 
 
+def states_context(states: list):
+    """Context for new step inputs: that of the states (CPU when there are none)."""
+    return states[0].context if states else mx.cpu()
+
+
 def greedy_search(step_fn: StepFn, states: list, batch_size: int, bos_id: int, eos_id: int,
                   max_lengths: Sequence[int]) -> list[Hypothesis]:
     """Argmax decoding (states not repeated). Returns per sentence (tokens, sum of log-probs incl. EOS)."""
@@ -75,7 +80,7 @@ def greedy_search(step_fn: StepFn, states: list, batch_size: int, bos_id: int, e
     tokens = [[] for _ in range(batch_size)]
     scores = np.zeros(batch_size)
     alive = np.ones(batch_size, dtype=bool)
-    step_input = mx.nd.full((batch_size,), bos_id)
+    step_input = mx.nd.full((batch_size,), bos_id, ctx=states_context(states))
     for t in range(int(max_lengths.max()) + 1):
         log_probs, states, _ = step_fn(step_input, states)
         log_probs = log_probs.asnumpy()
@@ -89,13 +94,8 @@ def greedy_search(step_fn: StepFn, states: list, batch_size: int, bos_id: int, e
                 tokens[b].append(int(best[b]))
         if not alive.any():
             break
-        step_input = mx.nd.array(best, ctx=log_probs_ctx(states))
+        step_input = mx.nd.array(best, ctx=states_context(states))
     return [(tokens[b], float(scores[b])) for b in range(batch_size)]
-
-
-def log_probs_ctx(states: list):
-    """Context for new step inputs: that of the states (CPU when there are none)."""
-    return states[0].context if states else mx.cpu()
 
 
 @dataclass
@@ -203,7 +203,7 @@ def beam_search(step_fn: StepFn, states: list, batch_size: int, beam_size: int, 
     k = beam_size
     search = _start(batch_size, k, np.asarray(max_lengths, dtype=int))
     src_lengths = None if src_lengths is None else np.asarray(src_lengths, dtype=int)
-    tokens = mx.nd.full((batch_size * k,), bos_id, ctx=log_probs_ctx(states))
+    tokens = mx.nd.full((batch_size * k,), bos_id, ctx=states_context(states))
     for t in range(int(search.max_lengths.max()) + 1):
         log_probs, states, attn = step_fn(tokens, states)
         if beta and attn is not None:
@@ -227,6 +227,7 @@ def beam_search(step_fn: StepFn, states: list, batch_size: int, beam_size: int, 
         compact = search.frozen.sum() >= COMPACT_FRACTION * len(live)
         keep = ~search.frozen if compact else np.ones(len(live), dtype=bool)
         states, tokens = _compact(search, states, new_beams, new_tokens, keep, k, static_states)
+    logger.debug("beam search: %d sentences, beam %d, %d steps", batch_size, k, t + 1)
     return [[(hyp, score) for score, hyp in done_list[:nbest]] for done_list in search.finished]
 
 
@@ -247,7 +248,7 @@ def _compact(search: _Search, states: list, new_beams: np.ndarray, new_tokens: n
         search.frozen = search.frozen[kept]
         if search.coverage is not None:
             search.coverage = search.coverage[kept]
-    tokens = mx.nd.array(new_tokens[kept].reshape(-1), ctx=log_probs_ctx(states))
+    tokens = mx.nd.array(new_tokens[kept].reshape(-1), ctx=states_context(states))
     return states, tokens
 
 

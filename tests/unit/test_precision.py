@@ -44,7 +44,7 @@ def test_disabled_scaler_keeps_scale_one_but_still_skips():
 
 
 def test_fp16_on_cpu_refused_naming_alternative():
-    with pytest.raises(PrecisionError, match="precision.dtype=fp32"):
+    with pytest.raises(PrecisionError, match="precision.dtype=bf16 or fp32"):
         check_precision("fp16", on_gpu=False)
     check_precision("fp16", on_gpu=True)
     check_precision("fp32", on_gpu=False)
