@@ -177,7 +177,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
     bar = tqdm(total=t.max_updates or None, initial=progress.update, unit="upd", dynamic_ncols=True,
                disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
     window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "slots": 0.0}
-    reason = ""
+    reason = "max_updates" if t.max_updates and progress.update >= t.max_updates else ""
     while not reason:
         batches, slots, position = [], 0, (progress.epoch, progress.batch_index)
         for _ in range(t.accum_steps):

@@ -97,9 +97,10 @@ def test_killed_worker_ends_job_within_bound_and_relaunch_resumes(tmp_path, prep
     finally:
         if job.poll() is None:
             job.kill()
-    proc = hvd_train("gloo", [prepared, *FAST, f"train.run_dir={run}", "train.max_updates=12"])
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert sorted((run / "checkpoints").glob("ckpt-*"))[-1].name == "ckpt-00000012"
+    saved = int(sorted((run / "checkpoints").glob("ckpt-*"))[-1].name.split("-")[1])
+    proc = hvd_train("gloo", [prepared, *FAST, f"train.run_dir={run}", f"train.max_updates={saved + 6}"])
+    assert f"at update {saved}" in proc.stdout + proc.stderr
+    assert sorted((run / "checkpoints").glob("ckpt-*"))[-1].name == f"ckpt-{saved + 6:08d}"
 
 
 def metrics_written(run) -> bool:
