@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -58,15 +59,15 @@ def _load_run(run_dir: Path, params: str | None):
 def _translate(args: argparse.Namespace) -> int:
     import mxnet as mx
 
-    from dist_nmt.translate import BeamConfig, encode_sources, format_nbest, translate_ids
+    from dist_nmt.translate import encode_sources, format_nbest, translate_ids
 
     cfg, vocab, model = _load_run(Path(args.run_dir), args.params)
     d = cfg.decode
-    beam = BeamConfig(beam_size=args.beam or d.beam_size, alpha=d.alpha if args.alpha is None else args.alpha,
-                      beta=d.beta, max_len_a=d.max_len_a, max_len_b=d.max_len_b, nbest=args.nbest)
+    decode = dataclasses.replace(d, beam_size=args.beam or d.beam_size, nbest=args.nbest,
+                                 alpha=d.alpha if args.alpha is None else args.alpha)
     src = open(args.input, encoding="utf-8") if args.input else sys.stdin  # noqa: SIM115
     lines = [line.rstrip("\n") for line in src]
-    hyps = translate_ids(model, encode_sources(vocab, lines, cfg.data.max_len), beam, d.batch_sentences, mx.cpu())
+    hyps = translate_ids(model, encode_sources(vocab, lines, cfg.data.max_len), decode, mx.cpu())
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     for i, nbest in enumerate(hyps):
         if args.nbest > 1:

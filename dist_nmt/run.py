@@ -27,7 +27,6 @@ from dist_nmt.data import (
     vocab_path,
 )
 from dist_nmt.progress import Progress, TrainingError
-from dist_nmt.translate import BeamConfig
 from dist_nmt.validate import DecodeJob, decode_and_score, dev_loss, sample_indices
 
 log = logging.getLogger(__name__)
@@ -84,13 +83,6 @@ class RunData:
     def collate_train(self, batch: Batch) -> dict:
         """numpy arrays for one training batch."""
         return collate(self.train, batch)
-
-
-def beam_config(cfg: Config) -> BeamConfig:
-    """Beam settings from the decode section."""
-    d = cfg.decode
-    return BeamConfig(beam_size=d.beam_size, alpha=d.alpha, beta=d.beta, max_len_a=d.max_len_a,
-                      max_len_b=d.max_len_b, nbest=1)
 
 
 def restore(cfg: Config, model, trainer, scaler, checkpointer: Checkpointer, world: distributed.World, ctx,
@@ -166,7 +158,7 @@ def validate(cfg: Config, model, data: RunData, progress, writer, world: distrib
                       name=f"devloss.{progress.update}")
     sample = sample_indices(len(data.dev_sources), cfg.train.eval_sample_sentences)
     job = DecodeJob([data.dev_sources[i] for i in sample], [data.dev_references[i] for i in sample],
-                    beam_config(cfg), cfg.decode.batch_sentences, cfg.data.max_len)
+                    cfg.decode, cfg.data.max_len)
     scores, _ = decode_and_score(model, data.vocab, job, world, ctx, name=f"devbleu.{progress.update}")
     values.update(bleu=scores["bleu"], seconds=time.time() - t0, sentences=len(sample))
     is_best = scores["bleu"] > progress.best_bleu
@@ -193,8 +185,8 @@ def evaluate_test(cfg: Config, model, data: RunData, checkpointer: Checkpointer,
         distributed.broadcast_parameters(model.collect_params(), name="test.params")
     src_path, tgt_path = split_paths(cfg.data, "test")
     tok_refs = list(read_lines(Path(cfg.data.root) / cfg.data.test_tok_ref)) if cfg.data.test_tok_ref else []
-    job = DecodeJob(list(read_lines(src_path)), list(read_lines(tgt_path)), beam_config(cfg),
-                    cfg.decode.batch_sentences, cfg.data.max_len, cfg.data.tgt_lang, tok_refs)
+    job = DecodeJob(list(read_lines(src_path)), list(read_lines(tgt_path)), cfg.decode,
+                    cfg.data.max_len, cfg.data.tgt_lang, tok_refs)
     t0 = time.time()
     scores, hyps = decode_and_score(model, data.vocab, job, world, ctx, name="test.decode")
     scores.update(model="best" if has_best else "final", sentences=len(hyps),

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import mxnet as mx
 import numpy as np
 
+from dist_nmt.config import DecodeConfig
 from dist_nmt.data.vocab import EOS_ID, PAD_ID, Vocab
 from dist_nmt.decode import translate_batch
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BeamConfig:
-    """Beam search settings: GNMT length penalty alpha, coverage penalty beta, max output a*src_len + b."""
-
-    beam_size: int = 4
-    alpha: float = 0.6
-    beta: float = 0.0
-    max_len_a: float = 1.2
-    max_len_b: int = 10
-    nbest: int = 1
+_BEAM_KEYS = ("beam_size", "alpha", "beta", "max_len_a", "max_len_b", "nbest")
 
 
 def encode_sources(vocab: Vocab, lines: Sequence[str], max_src_len: int) -> list[list[int]]:
@@ -52,23 +43,24 @@ def _pad(batch: list[list[int]], ctx: mx.Context) -> tuple[mx.nd.NDArray, mx.nd.
     return mx.nd.array(src, ctx=ctx, dtype=np.int32), mx.nd.array(lengths, ctx=ctx, dtype=np.float32)
 
 
-def translate_ids(model: mx.gluon.Block, sources: list[list[int]], beam: BeamConfig, batch_sentences: int,
+def translate_ids(model: mx.gluon.Block, sources: list[list[int]], decode: DecodeConfig,
                   ctx: mx.Context) -> list[list[tuple[list[int], float]]]:
     """N-best (ids, score) per source, in input order; empty sources get an empty hypothesis."""
     results: list[list[tuple[list[int], float]]] = [[([], 0.0)] for _ in sources]
     order = sorted((i for i, ids in enumerate(sources) if ids), key=lambda i: len(sources[i]))
-    for start in range(0, len(order), batch_sentences):
-        chunk = order[start: start + batch_sentences]
+    beam = {key: getattr(decode, key) for key in _BEAM_KEYS}
+    for start in range(0, len(order), decode.batch_sentences):
+        chunk = order[start: start + decode.batch_sentences]
         src, src_valid_len = _pad([sources[i] for i in chunk], ctx)
-        for i, hyps in zip(chunk, translate_batch(model, src, src_valid_len, **asdict(beam)), strict=True):
+        for i, hyps in zip(chunk, translate_batch(model, src, src_valid_len, **beam), strict=True):
             results[i] = hyps
     return results
 
 
-def translate_lines(model: mx.gluon.Block, vocab: Vocab, lines: Sequence[str], beam: BeamConfig,
-                    batch_sentences: int, max_src_len: int, ctx: mx.Context) -> list[str]:
+def translate_lines(model: mx.gluon.Block, vocab: Vocab, lines: Sequence[str], decode: DecodeConfig,
+                    max_src_len: int, ctx: mx.Context) -> list[str]:
     """Best detokenized translation per input line (the list has exactly len(lines) entries)."""
-    hyps = translate_ids(model, encode_sources(vocab, lines, max_src_len), beam, batch_sentences, ctx)
+    hyps = translate_ids(model, encode_sources(vocab, lines, max_src_len), decode, ctx)
     return [vocab.decode(nbest[0][0]) for nbest in hyps]
 
 

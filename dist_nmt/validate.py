@@ -14,10 +14,11 @@ import mxnet as mx
 import numpy as np
 
 from dist_nmt import distributed
+from dist_nmt.config import DecodeConfig
 from dist_nmt.data import Batch, EncodedSplit, Vocab, collate
 from dist_nmt.evaluate import sacre_scores, tokenized_bleu
 from dist_nmt.loss import label_smoothed_nll
-from dist_nmt.translate import BeamConfig, translate_lines
+from dist_nmt.translate import translate_lines
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,7 @@ class DecodeJob:
 
     sources: Sequence[str]
     references: Sequence[str]
-    beam: BeamConfig
-    batch_sentences: int
+    decode: DecodeConfig
     max_src_len: int
     tgt_lang: str = ""
     tok_references: Sequence[str] = ()
@@ -66,7 +66,7 @@ def decode_and_score(model: mx.gluon.Block, vocab: Vocab, job: DecodeJob, world:
                      ctx: mx.Context, name: str) -> tuple[dict, list[str]]:
     """Translate `job.sources` sharded over ranks; every rank gets the scores and all hypotheses in order."""
     mine = np.arange(world.rank, len(job.sources), world.size)
-    hyps = translate_lines(model, vocab, [job.sources[i] for i in mine], job.beam, job.batch_sentences,
+    hyps = translate_lines(model, vocab, [job.sources[i] for i in mine], job.decode,
                            job.max_src_len, ctx)
     gathered = distributed.allgather_object((mine.tolist(), hyps), name=name)
     ordered = [""] * len(job.sources)
