@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dist_nmt import distributed
+from dist_nmt import allocator, distributed
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dist-nmt` console script."""
     args = build_parser().parse_args(argv)
+    if argv is None:  # a real command line: re-executes once with tcmalloc preloaded (see dist_nmt.allocator)
+        allocator.preload_tcmalloc(["-m", "dist_nmt.cli", *sys.argv[1:]])
     distributed.configure_threads()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from dist_nmt.config import ConfigError

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from dist_nmt import distributed
+from dist_nmt import allocator, distributed
 from dist_nmt.progress import Progress, TrainingError
 
 log = logging.getLogger("dist_nmt.train")  # not "__main__" under python -m
@@ -174,6 +174,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
     log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
              cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
              progress.batch_index)
+    log.info("threads: OMP_NUM_THREADS=%s; allocator: %s", os.environ.get("OMP_NUM_THREADS"), allocator.status())
     bar = tqdm(total=t.max_updates or None, initial=progress.update, unit="upd", dynamic_ncols=True,
                disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
     window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "slots": 0.0}
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_updates=20")
     args = parser.parse_args(argv)
+    if argv is None:  # a real command line: re-executes once with tcmalloc preloaded (see dist_nmt.allocator)
+        allocator.preload_tcmalloc(["-m", "dist_nmt.train", *sys.argv[1:]])
     stop = StopSignal()  # before the slow start-up, so an early preemption signal is not fatal
     distributed.configure_threads()  # before mxnet is imported: OpenMP reads it once
     from dist_nmt.config import ConfigError, load_config

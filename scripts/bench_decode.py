@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dist_nmt import allocator  # noqa: E402
 from dist_nmt.config import load_config  # noqa: E402
 from dist_nmt.decode import translate_batch  # noqa: E402
 from dist_nmt.models import build_model  # noqa: E402
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_ours(model, batches[:1], args)  # warm-up: graph building, oneDNN primitives
     sec, cpu_sec, ours = run_ours(model, batches, args)
     result = {"preset": args.preset, "checkpoint": args.checkpoint,
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "sentences": args.sentences,
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "allocator": allocator.status(),
+              "sentences": args.sentences,
               "batch_sentences": args.batch_sentences, "beam": args.beam,
               "alpha": args.alpha, "beta": args.beta, "hybridized": not args.no_hybridize,
               "mean_output_tokens": round(float(np.mean([len(o) for o in ours])), 2),
@@ -149,4 +151,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    allocator.preload_tcmalloc([__file__, *sys.argv[1:]])  # what training runs on (dist_nmt/allocator.py)
     main()

@@ -26,7 +26,7 @@ def worker(args: argparse.Namespace) -> None:
     import mxnet as mx
     import numpy as np
 
-    from dist_nmt import distributed
+    from dist_nmt import allocator, distributed
     from dist_nmt.config import load_config
     from dist_nmt.loss import label_smoothed_nll
     from dist_nmt.models import build_model
@@ -67,7 +67,8 @@ def worker(args: argparse.Namespace) -> None:
             "preset": args.preset, "np": world.size, "global_tokens_per_s": round(tokens / seconds, 1),
             "seconds_per_update": round(seconds / args.updates, 4),
             "allreduce_seconds_per_update": round(comm / args.updates, 4),
-            "allreduce_bytes_per_update": num_grad_bytes if world.size > 1 else 0}), flush=True)
+            "allreduce_bytes_per_update": num_grad_bytes if world.size > 1 else 0,
+            "allocator": allocator.status()}), flush=True)
 
 
 def launch(preset: str, num_procs: int, args: argparse.Namespace) -> dict:
@@ -93,6 +94,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     args = parser.parse_args()
     if args.worker:
+        sys.path.insert(0, str(ROOT))
+        from dist_nmt import allocator
+
+        allocator.preload_tcmalloc([__file__, *sys.argv[1:]])  # what training runs on (dist_nmt/allocator.py)
         worker(args)
         return
     results = []

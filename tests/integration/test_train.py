@@ -6,6 +6,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from dist_nmt import allocator
 from support import FAST, PYTHON, metrics, run_cli, train
 
 
@@ -30,6 +31,8 @@ def test_training_lowers_loss_and_reports_bleu(tmp_path, prepared):
     assert len((run / "test.hyp.de").read_text().splitlines()) == 1000
     assert "TEST test_2016_flickr.en.gz" in proc.stderr and (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "best" / "MANIFEST.json").is_file()
+    if allocator.find_tcmalloc():  # the command line re-executed itself on tcmalloc (dist_nmt/allocator.py)
+        assert "allocator: tcmalloc" in proc.stderr
 
 
 def test_resume_equals_uninterrupted(tmp_path, prepared):
