@@ -31,6 +31,8 @@ def worker(args: argparse.Namespace) -> None:
     from dist_nmt.loss import label_smoothed_nll
     from dist_nmt.models import build_model
 
+    if args.pin:  # one core per worker: local rank r runs on core r (no migrations, no shared L2)
+        os.sched_setaffinity(0, {int(os.environ.get("HOROVOD_LOCAL_RANK", "0")) % os.cpu_count()})
     world = distributed.init_world()
     cfg = load_config(ROOT / "configs" / "models" / f"{args.preset}.yaml", ["train.max_updates=1"])
     model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), args.vocab)
@@ -76,7 +78,7 @@ def launch(preset: str, num_procs: int, args: argparse.Namespace) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "horovodrun"), "-np", str(num_procs), "-H", f"localhost:{num_procs}",
            "--gloo", sys.executable, __file__, "--worker", "--preset", preset, "--updates", str(args.updates),
            "--warmup", str(args.warmup), "--batch-sentences", str(args.batch_sentences),
-           "--seq-len", str(args.seq_len), "--vocab", str(args.vocab)]
+           "--seq-len", str(args.seq_len), "--vocab", str(args.vocab), *(["--pin"] if args.pin else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(next(line for line in out.splitlines() if "RESULT " in line).split("RESULT ", 1)[1])
@@ -92,6 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-sentences", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=25)
     parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--pin", action="store_true", help="pin each worker to one core (local rank)")
     args = parser.parse_args()
     if args.worker:
         sys.path.insert(0, str(ROOT))

@@ -5,11 +5,18 @@
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset tiny --steps 3 --no-reference
 
 One step = forward + label-smoothed cross-entropy + backward + Adam update on a random batch (every sentence
-`--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens; our model and the
-reference alternate step by step, and the best step time is reported (plus the median and the process CPU time,
-the steadier measure when other processes share the cores). The loss is the trainer's own (dist_nmt.loss).
+`--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens. Candidates
+alternate step by step, and the best step time is reported (plus the median and the process CPU time, the
+steadier measure when other processes share the cores):
+
+- `ours`: our model and the trainer's loss (dist_nmt.loss).
+- `reference`: GluonNLP 0.10's training step as its scripts/machine_translation/train_transformer.py runs it:
+  NMTModel from get_transformer_encoder_decoder, LabelSmoothing(units=V) and MaskedSoftmaxCELoss(sparse_label=False).
+- `reference_model`: the same GluonNLP model under our loss: the model-only comparison.
+
 Achieved GFLOP/s is an analytic count (matrix products only, backward = 2x forward) over the best step time, given
-as a fraction of the FullyConnected fp32 peak measured in the same run (4096x1024x4096). Prints one JSON object.
+as a fraction of the FullyConnected fp32 peak measured in the same run (4096x1024x4096). The process runs on
+tcmalloc like the trainer (dist_nmt/allocator.py); every candidate shares it. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -63,6 +70,34 @@ def transformer_gflop_per_batch(hp, batch: int, src_len: int, tgt_len: int, voca
                                        + src_len * 4 * d * d)
     proj = 2 * batch * tgt_len * d * vocab
     return 3 * (enc + dec + proj) / 1e9
+
+
+def gnmt_gflop_per_batch(hp, batch: int, src_len: int, tgt_len: int, vocab: int) -> float:
+    """Matrix-product FLOPs of one training step (forward x 3) for GNMT (dist_nmt/models/gnmt.py wiring)."""
+    h, e = hp.hidden_size, hp.embed_size
+
+    def lstm(inputs: int, hidden: int) -> int:  # per token
+        return 2 * 4 * hidden * (inputs + hidden)
+
+    enc = 0
+    for i in range(hp.num_enc_layers):
+        inputs = e if i == 0 else h
+        enc += 2 * lstm(inputs, h // 2) if i < hp.num_bi_layers else lstm(inputs, h)
+    enc += 2 * h * h  # attention key projection, once per source token
+    dec = lstm(e, h) + (hp.num_dec_layers - 1) * lstm(2 * h, h)
+    dec += 2 * h * h + src_len * (2 * h + 2 * h)  # query projection; scores and context over the source
+    proj = 2 * h * vocab
+    return 3 * batch * (src_len * enc + tgt_len * (dec + proj)) / 1e9
+
+
+def gluonnlp_loss(vocab: int):
+    """GluonNLP 0.10's training loss, as in its train_transformer.py: dense label smoothing + masked softmax CE."""
+    from gluonnlp.loss import LabelSmoothing, MaskedSoftmaxCELoss
+
+    smoothing, loss = LabelSmoothing(epsilon=0.1, units=vocab), MaskedSoftmaxCELoss(sparse_label=False)
+    smoothing.hybridize(static_alloc=True)
+    loss.hybridize(static_alloc=True)
+    return lambda logits, labels, valid_len, epsilon: loss(logits, smoothing(labels), valid_len).sum()
 
 
 def label_smoothed_loss(logits, labels, valid_len, epsilon: float):
@@ -128,7 +163,7 @@ def time_alternating(steps: dict, num_steps: int, warmup: int) -> tuple[dict, di
     return wall, cpu
 
 
-def gluonnlp_reference(hp, vocab: int):
+def gluonnlp_reference(hp, vocab: int, prefix: str = "ref_"):
     """GluonNLP 0.10 NMTModel Transformer with the same sizes, shared and tied embeddings."""
     from gluonnlp.model.transformer import get_transformer_encoder_decoder
     from gluonnlp.model.translation import NMTModel
@@ -137,10 +172,10 @@ def gluonnlp_reference(hp, vocab: int):
         raise ValueError("GluonNLP 0.10 reference needs equal encoder/decoder depth and post-norm")
     encoder, decoder, one_step = get_transformer_encoder_decoder(
         num_layers=hp.num_enc_layers, num_heads=hp.num_heads, units=hp.d_model, hidden_size=hp.d_ff,
-        dropout=hp.dropout, max_src_length=512, max_tgt_length=512, prefix="ref_")
+        dropout=hp.dropout, max_src_length=512, max_tgt_length=512, prefix=prefix)
     vocab_list = list(range(vocab))  # NMTModel only needs len(vocab)
     model = NMTModel(vocab_list, vocab_list, encoder, decoder, one_step, embed_size=hp.d_model,
-                     share_embed=True, tie_weights=True, prefix="ref_nmt_")
+                     share_embed=True, tie_weights=True, prefix=f"{prefix}nmt_")
     model.initialize(mx.init.Xavier(magnitude=3))
     model.hybridize(static_alloc=True)
     return model, lambda src, sl, tgt, tl: model(src, tgt, sl, tl)[0]
@@ -174,7 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
     if with_reference:
         ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
         steps["reference"] = make_train_step(ref_forward, ref_model.collect_params(), batch, args.label_smoothing,
-                                             loss_fn)
+                                             gluonnlp_loss(args.vocab))
+        ref_model2, ref_forward2 = gluonnlp_reference(hp, args.vocab, prefix="ref2_")
+        steps["reference_model"] = make_train_step(ref_forward2, ref_model2.collect_params(), batch,
+                                                   args.label_smoothing, loss_fn)
     times, cpu_times = time_alternating(steps, args.steps, args.warmup)
     sec, sec_median = min(times["ours"]), statistics.median(times["ours"])
     result = {"preset": args.preset, "arch": model_cfg.arch, "loss": args.loss,
@@ -184,10 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
               "sec_per_step_best": round(sec, 4), "sec_per_step_median": round(sec_median, 4),
               "tokens_per_sec": round(num_tokens / sec, 1), "tokens_per_sec_median": round(num_tokens / sec_median, 1),
               "cpu_sec_per_step_best": round(min(cpu_times["ours"]), 4)}
-    if model_cfg.arch == "transformer":
-        gflop = transformer_gflop_per_batch(hp, args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
-        result.update(gflop_per_step=round(gflop, 1), gflops=round(gflop / sec, 1),
-                      fraction_of_peak=round(gflop / sec / peak, 3))
+    flop_count = transformer_gflop_per_batch if model_cfg.arch == "transformer" else gnmt_gflop_per_batch
+    gflop = flop_count(hp, args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
+    result.update(gflop_per_step=round(gflop, 1), gflops=round(gflop / sec, 1),
+                  fraction_of_peak=round(gflop / sec / peak, 3))
     if with_reference:
         ref_sec, ref_median = min(times["reference"]), statistics.median(times["reference"])
         result.update(reference="gluonnlp-0.10 NMTModel transformer", ref_sec_per_step_best=round(ref_sec, 4),
@@ -197,6 +235,13 @@ def main(argv: list[str] | None = None) -> dict:
                       speedup_vs_reference_median=round(ref_median / sec_median, 3),
                       ref_cpu_sec_per_step_best=round(min(cpu_times["reference"]), 4),
                       speedup_vs_reference_cpu=round(min(cpu_times["reference"]) / min(cpu_times["ours"]), 3))
+        model_sec = min(times["reference_model"])
+        result.update(reference_model="the same GluonNLP model under our loss (dist_nmt.loss)",
+                      ref_model_sec_per_step_best=round(model_sec, 4),
+                      ref_model_tokens_per_sec=round(num_tokens / model_sec, 1),
+                      speedup_vs_reference_model=round(model_sec / sec, 3),
+                      speedup_vs_reference_model_median=round(statistics.median(times["reference_model"])
+                                                              / sec_median, 3))
     print(json.dumps(result, indent=2))
     return result
 
