@@ -84,6 +84,7 @@ class TrainConfig:
     max_time_minutes: float = 0.0
     log_every_updates: int = 50
     eval_every_updates: int = 500
+    validate_at_end: bool = True  # validate the final model too, so the test uses the truly best checkpoint
     save_every_updates: int = 500
     keep_last: int = 3
     patience: int = 0

@@ -179,6 +179,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
                disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
     window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "slots": 0.0}
     reason = "max_updates" if t.max_updates and progress.update >= t.max_updates else ""
+    last_eval = -1
     while not reason:
         batches, slots, position = [], 0, (progress.epoch, progress.batch_index)
         for _ in range(t.accum_steps):
@@ -208,7 +209,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
             log_update(progress, window, trainer.learning_rate, scaler, writer, world, start)
         is_best = False
         if progress.update % t.eval_every_updates == 0:
-            is_best = validate(cfg, model, data, progress, writer, world, ctx)
+            is_best, last_eval = validate(cfg, model, data, progress, writer, world, ctx), progress.update
             if t.patience and progress.evals_without_improvement >= t.patience:
                 reason = "patience"
         if cfg.dist.consistency_check_every_updates and \
@@ -222,7 +223,11 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
             reason = "max_epochs"
     bar.close()
     log.info("stopping at update %d: %s", progress.update, reason)
-    save(checkpointer, model, trainer, progress, scaler, cfg, world, data.batches_per_epoch, False)
+    # The last stretch since the previous validation counts too: without this a time-budgeted run would test the
+    # model from the last multiple of eval_every_updates (up to eval_every_updates - 1 updates older).
+    is_best = (t.validate_at_end and reason != "signal" and progress.update > 0 and progress.update != last_eval
+               and validate(cfg, model, data, progress, writer, world, ctx))
+    save(checkpointer, model, trainer, progress, scaler, cfg, world, data.batches_per_epoch, is_best)
     if os.environ.get("DIST_NMT_DUMP_PARAMS"):
         dump_params(model, os.environ["DIST_NMT_DUMP_PARAMS"], world)
     summary = {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,

@@ -10,7 +10,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 PYTHON = sys.executable
 TINY = "configs/tiny.yaml"
 # Short runs: no mid-run validation or test decoding unless a test asks for it.
-FAST = ["train.eval_every_updates=1000", "train.save_every_updates=1000", "data.test="]
+FAST = ["train.eval_every_updates=1000", "train.save_every_updates=1000", "train.validate_at_end=false", "data.test="]
 
 
 def run_cli(args: list[str], timeout: float = 600, env: dict | None = None,

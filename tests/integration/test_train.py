@@ -22,10 +22,11 @@ def _final_params(run_dir) -> dict[str, np.ndarray]:
 def test_training_lowers_loss_and_reports_bleu(tmp_path, prepared):
     run = tmp_path / "run"
     proc = train([prepared, f"train.run_dir={run}", "train.max_updates=40", "train.log_every_updates=10",
-                  "train.eval_every_updates=40", "data.test=raw/test_2016_flickr", "train.eval_sample_sentences=8"])
+                  "train.eval_every_updates=30", "data.test=raw/test_2016_flickr", "train.eval_sample_sentences=8"])
     losses = [r["loss"] for r in metrics(run, "train")]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
-    assert metrics(run, "valid")[0]["sentences"] == 8
+    valid = metrics(run, "valid")
+    assert [r["update"] for r in valid] == [30, 40] and valid[0]["sentences"] == 8  # and the final model
     scores = json.loads((run / "test_scores.json").read_text())
     assert scores["sentences"] == 1000 and "tok:13a" in scores["bleu_signature"]
     assert len((run / "test.hyp.de").read_text().splitlines()) == 1000
