@@ -115,6 +115,7 @@ class DistConfig:
     stall_shutdown_seconds: int = 120
     gloo_timeout_seconds: int = 300
     consistency_check_every_updates: int = 500
+    cycle_time_ms: float = 0.0  # Horovod background cycle (HOROVOD_CYCLE_TIME); 0 = 10 ms on CPU, default on GPU
 
 
 @dataclass(frozen=True)

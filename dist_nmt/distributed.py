@@ -17,11 +17,21 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:  # not at run time: dist_nmt.config pulls in mxnet, which must start after configure_threads()
+    from dist_nmt.config import DistConfig
+
 log = logging.getLogger(__name__)
+
+# Horovod's background thread wakes every cycle to negotiate ready tensors with the other ranks. When each rank has
+# one core to itself, that wake-up steals compute from the rank's own OpenMP threads: with Horovod's default cycle,
+# transformer_base at np=2 on a 2-core host (one core per rank) scaled at 0.83, with 10 ms at 0.91
+# (scripts/bench_scaling.py --pin). CPU steps take seconds, so 10 ms of negotiation latency is noise; GPU steps do
+# not, so with GPUs Horovod's own default stays.
+CPU_CYCLE_TIME_MS = 10.0
 
 # Environment variables set by the launchers we support, in order of preference.
 _RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
@@ -71,20 +81,36 @@ def configure_threads() -> int:
     return int(os.environ["OMP_NUM_THREADS"])
 
 
-def _set_timeouts(stall_check_seconds: int, stall_shutdown_seconds: int, gloo_timeout_seconds: int) -> None:
-    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(stall_check_seconds))
-    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(stall_shutdown_seconds))
-    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(gloo_timeout_seconds))
+def _set_horovod_env(dist: DistConfig) -> None:
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(dist.stall_check_seconds))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(dist.stall_shutdown_seconds))
+    os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(dist.gloo_timeout_seconds))
+    cycle_ms = dist.cycle_time_ms or (0.0 if _has_gpus() else CPU_CYCLE_TIME_MS)
+    if cycle_ms:
+        os.environ.setdefault("HOROVOD_CYCLE_TIME", str(cycle_ms))
     if not launched():
         # No launcher: a one-process Gloo world instead of initialising MPI (FIELD_NOTES).
         os.environ.setdefault("HOROVOD_CONTROLLER", "gloo")
         os.environ.setdefault("HOROVOD_CPU_OPERATIONS", "gloo")
 
 
-def init_world(stall_check_seconds: int = 60, stall_shutdown_seconds: int = 120,
-               gloo_timeout_seconds: int = 300) -> World:
-    """Initialise Horovod (idempotent) and return this process's World."""
-    _set_timeouts(stall_check_seconds, stall_shutdown_seconds, gloo_timeout_seconds)
+def _has_gpus() -> bool:
+    import mxnet as mx
+
+    return mx.context.num_gpus() > 0
+
+
+def init_world(dist: DistConfig | None = None) -> World:
+    """Initialise Horovod (idempotent) and return this process's World.
+
+    `dist` sets the stall/shutdown and Gloo timeouts (a dead rank ends the job instead of hanging it) and the
+    background thread's cycle time; variables already in the environment win.
+    """
+    if dist is None:
+        from dist_nmt.config import DistConfig
+
+        dist = DistConfig()
+    _set_horovod_env(dist)
     import horovod.mxnet as hvd
 
     if not hvd.is_initialized():

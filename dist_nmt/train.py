@@ -153,8 +153,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
     )
     from dist_nmt.schedule import lr_at
 
-    t, world = cfg.train, distributed.init_world(
-        cfg.dist.stall_check_seconds, cfg.dist.stall_shutdown_seconds, cfg.dist.gloo_timeout_seconds)
+    t, world = cfg.train, distributed.init_world(cfg.dist)
     setup_logging(world.rank, world.size, t.run_dir)
     ctx = distributed.device(world)
     check_precision(cfg.precision.dtype, ctx.device_type == "gpu")

@@ -6,7 +6,9 @@
 For each preset and world size it reports global real tokens/s (source + target), scaling efficiency
 (tokens/s at np=2 / (2 × tokens/s at np=1)), the mean time per update spent in the gradient all-reduce, and the
 bytes all-reduced per update (fp32 gradients of every trainable parameter). Each worker runs the same
-forward/backward/all-reduce/update as the trainer (`hvd.DistributedTrainer` through dist_nmt.distributed).
+forward/backward/all-reduce/update as the trainer (`hvd.DistributedTrainer` through dist_nmt.distributed, which
+also sets Horovod's cycle time: `dist.cycle_time_ms`, 10 ms on CPU; export HOROVOD_CYCLE_TIME to compare others).
+`--pin` binds local rank r to core r, as `mpirun --bind-to core` does.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def worker(args: argparse.Namespace) -> None:
             "seconds_per_update": round(seconds / args.updates, 4),
             "allreduce_seconds_per_update": round(comm / args.updates, 4),
             "allreduce_bytes_per_update": num_grad_bytes if world.size > 1 else 0,
-            "allocator": allocator.status()}), flush=True)
+            "allocator": allocator.status(), "pinned": args.pin,
+            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME")}), flush=True)
 
 
 def launch(preset: str, num_procs: int, args: argparse.Namespace) -> dict:

@@ -1,4 +1,5 @@
 """The Horovod seam: only dist_nmt/distributed.py imports horovod; a plain process is a world of one."""
+import os
 import re
 from pathlib import Path
 
@@ -37,3 +38,19 @@ def test_single_process_world_without_launcher():
     assert distributed.allreduce_sum(np.array([2.0, 3.0]), name="t").tolist() == [2.0, 3.0]
     assert distributed.broadcast_object({"a": 1}, name="b") == {"a": 1}
     assert distributed.allgather_object(5, name="g") == [5]
+
+
+def test_horovod_cycle_time_defaults_to_10ms_on_cpu_and_the_environment_wins(monkeypatch):
+    from dist_nmt.config import DistConfig
+
+    for var in ("HOROVOD_CYCLE_TIME", "HOROVOD_STALL_CHECK_TIME_SECONDS"):
+        monkeypatch.delenv(var, raising=False)
+    distributed._set_horovod_env(DistConfig(stall_check_seconds=7))
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "10.0"  # no GPU on the test machines
+    assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "7"
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME")
+    distributed._set_horovod_env(DistConfig(cycle_time_ms=2.5))
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "2.5"
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "1")
+    distributed._set_horovod_env(DistConfig(cycle_time_ms=2.5))
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "1"  # what the user exported wins
