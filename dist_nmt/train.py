@@ -58,7 +58,7 @@ def train_step(model, trainer, batches: list[dict], ctx, scale: float, clip_norm
     """
     import mxnet as mx
 
-    from dist_nmt.loss import label_smoothed_ce
+    from dist_nmt.loss import label_smoothed_nll
     from dist_nmt.validate import to_nd
 
     loss_sum = nll_sum = 0.0
@@ -66,9 +66,9 @@ def train_step(model, trainer, batches: list[dict], ctx, scale: float, clip_norm
         nd = to_nd(arrays, ctx)
         with mx.autograd.record():
             logits = model(nd["src"], nd["src_valid_len"], nd["tgt_in"], nd["tgt_valid_len"])
-            head, loss, nll = label_smoothed_ce(logits, nd["tgt_out"], nd["tgt_valid_len"], label_smoothing,
-                                                grad_scale=scale)
-        head.backward()
+            loss, nll = label_smoothed_nll(logits, nd["tgt_out"], nd["tgt_valid_len"], label_smoothing)
+            scaled = loss * scale
+        scaled.backward()
         loss_sum += loss.asscalar()
         nll_sum += nll.asscalar()
     trainer.allreduce_grads()

@@ -30,7 +30,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from dist_nmt import allocator, distributed
     from dist_nmt.config import load_config
-    from dist_nmt.loss import label_smoothed_ce
+    from dist_nmt.loss import label_smoothed_nll
     from dist_nmt.models import build_model
 
     if args.pin:  # one core per worker: local rank r runs on core r (no migrations, no shared L2)
@@ -50,8 +50,8 @@ def worker(args: argparse.Namespace) -> None:
     for step in range(args.warmup + args.updates):
         t0 = time.perf_counter()
         with mx.autograd.record():
-            head, _, _ = label_smoothed_ce(model(src, lengths, tgt, lengths), tgt, lengths, 0.1)
-        head.backward()
+            loss, _ = label_smoothed_nll(model(src, lengths, tgt, lengths), tgt, lengths, 0.1)
+        loss.backward()
         mx.nd.waitall()
         t1 = time.perf_counter()
         trainer.allreduce_grads()
