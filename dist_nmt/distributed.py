@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # Horovod's background thread wakes every cycle to negotiate ready tensors with the other ranks. When each rank has
 # one core to itself, that wake-up steals compute from the rank's own OpenMP threads: with Horovod's default cycle,
-# transformer_base at np=2 on a 2-core host (one core per rank) scaled at 0.83, with 10 ms at 0.91
+# transformer_base at np=2 on a 2-core host (one core per rank) scaled at 0.83, with 10 ms at 0.90-0.92 in three runs
 # (scripts/bench_scaling.py --pin). CPU steps take seconds, so 10 ms of negotiation latency is noise; GPU steps do
 # not, so with GPUs Horovod's own default stays.
 CPU_CYCLE_TIME_MS = 10.0

@@ -43,8 +43,9 @@ def test_single_process_world_without_launcher():
 def test_horovod_cycle_time_defaults_to_10ms_on_cpu_and_the_environment_wins(monkeypatch):
     from dist_nmt.config import DistConfig
 
-    for var in ("HOROVOD_CYCLE_TIME", "HOROVOD_STALL_CHECK_TIME_SECONDS"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("HOROVOD_CYCLE_TIME", "HOROVOD_STALL_CHECK_TIME_SECONDS", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                "HOROVOD_GLOO_TIMEOUT_SECONDS", "HOROVOD_CONTROLLER", "HOROVOD_CPU_OPERATIONS"):
+        monkeypatch.delenv(var, raising=False)  # also restores them after the test
     distributed._set_horovod_env(DistConfig(stall_check_seconds=7))
     assert os.environ["HOROVOD_CYCLE_TIME"] == "10.0"  # no GPU on the test machines
     assert os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "7"
