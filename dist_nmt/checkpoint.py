@@ -17,10 +17,16 @@ import logging
 import os
 import re
 import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mxnet as mx
+
+from dist_nmt import distributed
+from dist_nmt.config import Config, config_hash, flatten, shape_diff
+from dist_nmt.errors import CheckpointError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,27 @@ _FILES = ("model.params", "optimizer.nd", "state.json")
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated or corrupt."""
+@dataclass
+class Progress:
+    """Where training is; saved in every checkpoint's state.json."""
+
+    update: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+    best_bleu: float = -1.0
+    evals_without_improvement: int = 0
+    bad_updates_in_a_row: int = 0
+    num_skipped_updates: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint captures and a resume restores."""
+
+    model: Any  # gluon HybridBlock
+    trainer: Any  # gluon Trainer (Horovod DistributedTrainer)
+    scaler: Any  # precision.LossScaler
+    progress: Progress
 
 
 def _sha256(path: Path) -> str:
@@ -70,11 +95,69 @@ def load_optimizer_state(trainer: Any, arrays: dict[str, mx.nd.NDArray], counts:
 
 
 class Checkpointer:
-    """Writes (primary rank only) and finds checkpoints under `run_dir/checkpoints`."""
+    """Writes (primary rank only), finds and restores checkpoints under `run_dir/checkpoints`.
 
-    def __init__(self, run_dir: str | Path, keep_last: int) -> None:
+    `cfg`, the run's config, is stored in every checkpoint (flattened, with its hash) and compared on resume.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int, is_primary: bool = True, cfg: Config | None = None) -> None:
         self.directory = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.is_primary = is_primary
+        self.config = flatten(cfg) if cfg else {}
+        self.config_hash = config_hash(cfg) if cfg else ""
+
+    def path(self, update: int) -> Path:
+        """Directory of the checkpoint written at `update`."""
+        return self.directory / f"ckpt-{update:08d}"
+
+    def has(self, update: int) -> bool:
+        """A checkpoint of `update` exists on disk (not verified)."""
+        return self.path(update).is_dir()
+
+    def best_params(self) -> Path | None:
+        """Parameters of `best/` if it exists, else None."""
+        path = self.directory / "best" / "model.params"
+        return path if path.is_file() else None
+
+    def save_state(self, state: TrainState, world_size: int, batches_per_epoch: int, is_best: bool) -> None:
+        """Primary writes a checkpoint of `state`; the others return at once (no collective here).
+
+        A checkpoint already written at this update (e.g. by the periodic save just before stopping) is kept
+        unless this one is also the new best.
+        """
+        progress = state.progress
+        if not self.is_primary or (self.has(progress.update) and not is_best):
+            return
+        meta = {"update": progress.update, "progress": asdict(progress), "scaler": state.scaler.state_dict(),
+                "world_size": world_size, "batches_per_epoch": batches_per_epoch,
+                "config_hash": self.config_hash,
+                "config": self.config, "time": time.time()}
+        self.save(state.model, state.trainer, meta, is_best=is_best)
+
+    def restore(self, state: TrainState, ctx: mx.Context, batches_per_epoch: int) -> None:
+        """Resume `state` from the newest good checkpoint rank 0 sees (the same one on every rank), or leave it.
+
+        Refuses a checkpoint of a different model (naming the keys that differ).
+        """
+        found = self.latest_good() if self.is_primary else None
+        path = distributed.broadcast_object(str(found) if found else "", name="resume.path")
+        if not path:
+            return
+        arrays, meta = load_arrays(path)
+        changed = shape_diff(meta["config"], self.config)
+        if changed:
+            raise TrainingError(
+                f"{self.directory.parent} holds a checkpoint of a different model ({path}); these keys differ: "
+                + ", ".join(f"{k} (checkpoint {meta['config'].get(k)!r}, now {self.config.get(k)!r})"
+                            for k in changed) + ". Use a new train.run_dir or restore the old values.")
+        state.model.load_parameters(str(Path(path) / "model.params"), ctx=ctx)
+        load_optimizer_state(state.trainer, arrays, meta["optimizer_update_counts"], ctx)
+        state.scaler.load_state_dict(meta["scaler"])
+        state.progress = Progress(**meta["progress"])
+        if meta["batches_per_epoch"] != batches_per_epoch:
+            _rescale_position(state.progress, meta, batches_per_epoch)
+        log.info("resumed from %s at update %d", path, state.progress.update)
 
     def save(self, model: Any, trainer: Any, state: dict, is_best: bool = False) -> Path:
         """Write checkpoint `ckpt-<update>` atomically; also refresh `best/` when `is_best`."""
@@ -134,6 +217,16 @@ class Checkpointer:
             except CheckpointError as err:
                 log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", err)
         return None
+
+
+def _rescale_position(progress: Progress, meta: dict, batches_per_epoch: int) -> None:
+    # The global batch changed (data shards = world size, and the world size changed): continue the same epoch at
+    # the same fraction of it. With a fixed train.data_shards this never happens.
+    fraction = progress.batch_index / max(1, meta["batches_per_epoch"])
+    progress.batch_index = min(int(fraction * batches_per_epoch), batches_per_epoch - 1)
+    log.warning("resuming a %d-process checkpoint with a different global batch: epoch %d continues at step %d of "
+                "%d (set train.data_shards to keep batches identical across world sizes)", meta["world_size"],
+                progress.epoch + 1, progress.batch_index, batches_per_epoch)
 
 
 def verify(path: str | Path) -> dict:

@@ -18,11 +18,8 @@ from typing import Any
 
 import yaml
 
-from dist_nmt.models.hparams import GNMTHParams, TransformerHParams
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message names the key path and the fix."""
+from dist_nmt.errors import ConfigError
+from dist_nmt.models import MODEL_NAMES, GNMTHParams, TransformerHParams
 
 
 @dataclass(frozen=True)
@@ -145,7 +142,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("gnmt", "transformer"),
+    "model.arch": MODEL_NAMES,
     "model.gnmt.attention": ("mlp", "normed_mlp"),
     "precision.dtype": ("bf16", "fp16", "fp32"),
     "precision.loss_scaling": ("dynamic", "none"),

@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # not at run time: dist_nmt.config pulls in mxnet, which must start after configure_threads()
-    from dist_nmt.config import DistConfig
+from dist_nmt.config import DistConfig
+from dist_nmt.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,7 @@ def init_world(dist: DistConfig | None = None) -> World:
     `dist` sets the stall/shutdown and Gloo timeouts (a dead rank ends the job instead of hanging it) and the
     background thread's cycle time; variables already in the environment win.
     """
-    if dist is None:
-        from dist_nmt.config import DistConfig
-
-        dist = DistConfig()
-    _set_horovod_env(dist)
+    _set_horovod_env(dist or DistConfig())
     import horovod.mxnet as hvd
 
     if not hvd.is_initialized():
@@ -130,13 +126,50 @@ def device(world: World) -> Any:
 
 
 def make_trainer(params: Any, optimizer: str, optimizer_params: dict) -> Any:
-    """A Horovod DistributedTrainer over `net.collect_params()` (a dict, never a list).
+    """A Horovod DistributedTrainer over `net.collect_params()` (a dict, never a list) whose all-reduce *sums*.
 
-    Its all-reduce *sums* gradients; it divides by the world size through `trainer._scale`.
+    Horovod 0.28.1 picks the normalisation itself: on CPU (and NCCL < 2.10) it sums and folds 1/size into
+    `trainer._scale`; with NCCL >= 2.10 it averages inside the collective. Either way the gradient norm seen between
+    the all-reduce and the update would depend on that choice (1/size of the truth in the second case, so clipping
+    would start at size x clip_norm). Here both branches are pinned to one convention: reduced gradients are sums
+    over ranks and the optimizer's scale is untouched, so `update(trainer, divisor)` is the only normalisation.
     """
     import horovod.mxnet as hvd
 
-    return hvd.DistributedTrainer(params, optimizer, optimizer_params)
+    trainer = hvd.DistributedTrainer(params, optimizer, optimizer_params)
+    sum_in_collective(trainer)
+    return trainer
+
+
+def sum_in_collective(trainer: Any) -> None:
+    """Make a DistributedTrainer's all-reduce a plain sum and undo any 1/size folded into its scale."""
+    if trainer._average_in_framework:
+        trainer._scale = trainer._optimizer.rescale_grad
+    trainer._average_in_framework = True  # => allreduce_(average=False): the collective sums
+    trainer._postscale_factor = 1.0
+    trainer._gradient_predivide_factor = 1.0
+
+
+def reduced_grads(trainer: Any) -> list:
+    """All-reduce (sum over ranks) every trainable gradient in place and return them, in parameter order."""
+    trainer.allreduce_grads()
+    return [p.list_grad()[0] for p in trainer._params if p.grad_req != "null"]
+
+
+def apply_update(trainer: Any, divisor: float) -> None:
+    """One optimizer step on the reduced (summed) gradients, each divided by `divisor` first.
+
+    `divisor` = global target tokens x loss scale x clip factor turns summed token-sum gradients into mean-per-token,
+    unscaled, clipped ones on every rank alike.
+    """
+    trainer.update(divisor)
+
+
+def zero_grads(grads: list) -> None:
+    """Reset accumulated (`grad_req='add'`) gradients after an update, in one multi-tensor op."""
+    import mxnet as mx
+
+    mx.nd.reset_arrays(*grads, num_arrays=len(grads))
 
 
 def broadcast_parameters(params: Any, name: str = "params") -> None:
@@ -174,6 +207,26 @@ def allgather_object(obj: Any, name: str) -> list:
     if hvd.size() == 1:
         return [obj]
     return hvd.allgather_object(obj, name=name)
+
+
+def params_digest(params: Any) -> str:
+    """sha256 over every parameter's bytes, in name order: equal digests mean bit-identical parameters."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(params.keys()):
+        digest.update(params[name].data().asnumpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_consistency(params: Any, update: int) -> str:
+    """Abort if any rank's parameters differ from rank 0's (a desynchronised job trains garbage silently)."""
+    digests = allgather_object(params_digest(params), name=f"digest.{update}")
+    bad = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if bad:
+        raise TrainingError(f"parameters diverged across ranks at update {update}: ranks {bad} differ from rank 0. "
+                            "This is a bug or a hardware fault; resume from the last checkpoint.")
+    return digests[0]
 
 
 def shutdown(barrier: bool = False) -> None:

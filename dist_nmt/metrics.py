@@ -5,8 +5,15 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from dist_nmt import distributed
+from dist_nmt.data.batch import ArrayBatch, padding_ratio
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +72,38 @@ class MetricsWriter:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+@dataclass
+class TrainWindow:
+    """Sums over the updates since the last log line (this rank's share; `log_values` all-reduces them)."""
+
+    loss_sum: float = 0.0
+    nll_sum: float = 0.0
+    num_src_tokens: float = 0.0
+    num_tgt_tokens: float = 0.0
+    src_slots: float = 0.0  # padded positions the model computed, dummy rows included
+    tgt_slots: float = 0.0
+    start: float = field(default_factory=time.time)
+
+    def add(self, loss_sum: float, nll_sum: float, batches: Sequence[ArrayBatch]) -> None:
+        """Account one update's micro-batches."""
+        self.loss_sum += loss_sum
+        self.nll_sum += nll_sum
+        for b in batches:
+            self.num_src_tokens += b.num_src_tokens
+            self.num_tgt_tokens += b.num_tgt_tokens
+            self.src_slots += b.src.size
+            self.tgt_slots += b.tgt_in.size
+
+    def log_values(self, update: int) -> dict[str, float]:
+        """Loss, perplexity, tokens/s and per-side padding efficiency over all ranks (a collective)."""
+        totals = distributed.allreduce_sum(
+            [self.loss_sum, self.nll_sum, self.num_src_tokens, self.num_tgt_tokens, self.src_slots, self.tgt_slots],
+            name=f"log.{update}")
+        loss, nll, src, tgt, src_slots, tgt_slots = (float(v) for v in totals)
+        seconds = max(time.time() - self.start, 1e-9)
+        return {"loss": loss / max(tgt, 1.0), "ppl": float(np.exp(min(nll / max(tgt, 1.0), 50.0))),
+                "tokens_per_s": (src + tgt) / seconds,
+                "src_padding_efficiency": padding_ratio(src, src_slots),
+                "tgt_padding_efficiency": padding_ratio(tgt, tgt_slots)}

@@ -9,11 +9,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from dist_nmt.errors import PrecisionError
+
 log = logging.getLogger(__name__)
-
-
-class PrecisionError(RuntimeError):
-    """Training cannot continue or cannot start at the requested precision."""
 
 
 def check_precision(dtype: str, on_gpu: bool) -> None:

@@ -32,7 +32,7 @@ def bench_batching(train: EncodedSplit, max_tokens: int, epochs: int, boundaries
         for batch in stream.epoch_batches(epoch):
             arrays = collate(train, batch)
             num_batches += 1
-            num_tokens += arrays["num_src_tokens"] + arrays["num_tgt_tokens"]
+            num_tokens += arrays.num_src_tokens + arrays.num_tgt_tokens
     seconds = time.perf_counter() - start
     return {"batches_per_s": round(num_batches / seconds, 1), "real_tokens_per_s": round(num_tokens / seconds),
             "batches_per_epoch": stream.batches_per_epoch, "epochs": epochs}

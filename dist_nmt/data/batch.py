@@ -1,7 +1,7 @@
 """A batch of sentence indices, and turning it into padded id arrays for the model.
 
     arrays = collate(train_split, batch)
-    arrays["src"].shape == (batch.num_rows, batch.src_pad_len)     # (B, L) int32
+    arrays.src.shape == (batch.num_rows, batch.src_pad_len)     # (B, L) int32
 
 Layout of one collated batch (B rows incl. dummy rows, L the bucket's padded length, n real sentences):
     src      (B, L) int32    ids + [EOS], PAD after            src_valid_len (B,) float32 = src_len + 1
@@ -40,6 +40,19 @@ class Batch:
         return len(self.indices)
 
 
+@dataclass(frozen=True, eq=False)
+class ArrayBatch:
+    """One collated batch: padded id arrays (see the module docstring) and its real-token counts."""
+
+    src: np.ndarray  # (B, S) int32
+    src_valid_len: np.ndarray  # (B,) float32
+    tgt_in: np.ndarray  # (B, T) int32
+    tgt_out: np.ndarray  # (B, T) int32
+    tgt_valid_len: np.ndarray  # (B,) float32
+    num_src_tokens: int
+    num_tgt_tokens: int
+
+
 def rows_for(num_sentences: int, rows_multiple: int) -> int:
     """`num_sentences` rounded up to a multiple of `rows_multiple`."""
     return -(-num_sentences // rows_multiple) * rows_multiple
@@ -54,7 +67,7 @@ def _place(out: np.ndarray, tokens: np.ndarray, offsets: np.ndarray, indices: np
     out[rows, cols + shift] = tokens[np.repeat(offsets[indices], lengths) + cols]
 
 
-def collate(split: EncodedSplit, batch: Batch, rows_multiple: int | None = None) -> dict[str, np.ndarray | int]:
+def collate(split: EncodedSplit, batch: Batch, rows_multiple: int | None = None) -> ArrayBatch:
     """Padded arrays of `batch` (see the module docstring for the layout).
 
     Rows = `batch.num_rows` (as planned by the batcher), or, if `rows_multiple` is given, the sentence count rounded
@@ -84,9 +97,13 @@ def collate(split: EncodedSplit, batch: Batch, rows_multiple: int | None = None)
     src_valid_len[:n] = src_len + 1
     tgt_valid_len = np.zeros(rows, dtype=np.float32)
     tgt_valid_len[:n] = tgt_len + 1
-    return {"src": src, "src_valid_len": src_valid_len, "tgt_in": tgt_in, "tgt_out": tgt_out,
-            "tgt_valid_len": tgt_valid_len, "num_src_tokens": int(src_len.sum()) + n,
-            "num_tgt_tokens": int(tgt_len.sum()) + n}
+    return ArrayBatch(src, src_valid_len, tgt_in, tgt_out, tgt_valid_len, num_src_tokens=int(src_len.sum()) + n,
+                      num_tgt_tokens=int(tgt_len.sum()) + n)
+
+
+def padding_ratio(real_tokens: float, padded_slots: float) -> float:
+    """Padding efficiency of one side: real tokens / padded positions computed (0 when nothing was computed)."""
+    return real_tokens / padded_slots if padded_slots else 0.0
 
 
 def _flat(batches: Iterable[Batch | tuple[Batch, ...]]) -> list[Batch]:

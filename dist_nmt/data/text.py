@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from dist_nmt.config import DataConfig
+from dist_nmt.errors import DataError
 
 SPLITS = ("train", "dev", "test")
 MULTI30K_HINT = (
@@ -24,10 +25,6 @@ MULTI30K_HINT = (
     "(files data/task1/raw/*.gz): put them in that directory or set data.root."
 )
 _READ_BYTES = 1 << 20
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file (and line) or config key, and the fix."""
 
 
 def split_paths(data: DataConfig, split: str) -> tuple[Path, Path]:

@@ -13,27 +13,37 @@ Every model is a HybridBlock (hybridizable with `static_alloc=True`) with determ
 - optionally `static_decode_states`: indices of states shared by all beams of a sentence (beam search then
   skips reordering them).
 
-`models/` imports only mxnet, gluonnlp and `models/*`.
+`models/` imports only mxnet, gluonnlp and `models/*`. Importing this package does not import MXNet: the
+hyper-parameter dataclasses (`models.hparams`) are plain Python so `dist_nmt.config` can use them, and the models
+themselves load on first use of `build_model` / `MODELS` (after the process has set its OpenMP threads).
 """
 from __future__ import annotations
 
-from mxnet.gluon import HybridBlock
+from typing import Any
 
-from dist_nmt.models.gnmt import GNMTModel
 from dist_nmt.models.hparams import GNMTHParams, TransformerHParams
-from dist_nmt.models.transformer import TransformerModel
 
-MODELS: dict[str, type[HybridBlock]] = {
-    "transformer": TransformerModel,
-    "gnmt": GNMTModel,
-}
+MODEL_NAMES = ("gnmt", "transformer")
 
 
-def build_model(arch: str, hparams, vocab_size: int) -> HybridBlock:
-    """Construct model `arch` with its hyper-parameters (TransformerHParams, GNMTHParams, ...)."""
-    if arch not in MODELS:
-        raise ValueError(f"unknown model '{arch}'; choose one of: {', '.join(sorted(MODELS))}")
-    return MODELS[arch](hparams, vocab_size)
+def _models() -> dict[str, Any]:
+    from dist_nmt.models.gnmt import GNMTModel  # imports MXNet: only once a model is wanted
+    from dist_nmt.models.transformer import TransformerModel
+
+    return {"transformer": TransformerModel, "gnmt": GNMTModel}
 
 
-__all__ = ["MODELS", "GNMTHParams", "TransformerHParams", "TransformerModel", "build_model"]
+def __getattr__(name: str) -> Any:
+    if name == "MODELS":  # name -> HybridBlock class; importing it loads MXNet
+        return _models()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_model(arch: str, hparams: Any, vocab_size: int) -> Any:
+    """Construct model `arch` (a HybridBlock) with its hyper-parameters (TransformerHParams, GNMTHParams, ...)."""
+    if arch not in MODEL_NAMES:
+        raise ValueError(f"unknown model '{arch}'; choose one of: {', '.join(MODEL_NAMES)}")
+    return _models()[arch](hparams, vocab_size)
+
+
+__all__ = ["MODELS", "MODEL_NAMES", "GNMTHParams", "TransformerHParams", "build_model"]

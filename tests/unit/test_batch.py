@@ -25,24 +25,24 @@ TINY = _split(src=[[5, 6], [7], []], tgt=[[8], [9, 10, 11], [12]])
 def test_collate_layout_by_hand() -> None:
     batch = Batch(indices=np.array([1, 0]), src_pad_len=5, tgt_pad_len=5, bucket=0, num_rows=4)
     out = collate(TINY, batch)
-    assert out["src"].tolist() == [[7, EOS_ID, 0, 0, 0], [5, 6, EOS_ID, 0, 0], [EOS_ID, 0, 0, 0, 0],
+    assert out.src.tolist() == [[7, EOS_ID, 0, 0, 0], [5, 6, EOS_ID, 0, 0], [EOS_ID, 0, 0, 0, 0],
                                    [EOS_ID, 0, 0, 0, 0]]
-    assert out["tgt_in"].tolist() == [[BOS_ID, 9, 10, 11, 0], [BOS_ID, 8, 0, 0, 0], [BOS_ID, 0, 0, 0, 0],
+    assert out.tgt_in.tolist() == [[BOS_ID, 9, 10, 11, 0], [BOS_ID, 8, 0, 0, 0], [BOS_ID, 0, 0, 0, 0],
                                       [BOS_ID, 0, 0, 0, 0]]
-    assert out["tgt_out"].tolist() == [[9, 10, 11, EOS_ID, 0], [8, EOS_ID, 0, 0, 0], [0] * 5, [0] * 5]
-    assert out["src_valid_len"].tolist() == [2, 3, 1, 1]  # dummy rows: just the EOS
-    assert out["tgt_valid_len"].tolist() == [4, 2, 0, 0]  # dummy rows: nothing enters the loss
-    assert (out["num_src_tokens"], out["num_tgt_tokens"]) == (5, 6)
-    assert out["src"].dtype == out["tgt_in"].dtype == out["tgt_out"].dtype == np.int32
-    assert out["src_valid_len"].dtype == out["tgt_valid_len"].dtype == np.float32
+    assert out.tgt_out.tolist() == [[9, 10, 11, EOS_ID, 0], [8, EOS_ID, 0, 0, 0], [0] * 5, [0] * 5]
+    assert out.src_valid_len.tolist() == [2, 3, 1, 1]  # dummy rows: just the EOS
+    assert out.tgt_valid_len.tolist() == [4, 2, 0, 0]  # dummy rows: nothing enters the loss
+    assert (out.num_src_tokens, out.num_tgt_tokens) == (5, 6)
+    assert out.src.dtype == out.tgt_in.dtype == out.tgt_out.dtype == np.int32
+    assert out.src_valid_len.dtype == out.tgt_valid_len.dtype == np.float32
 
 
 def test_empty_source_and_rows_multiple_override() -> None:
     batch = Batch(indices=np.array([2]), src_pad_len=2, tgt_pad_len=2, bucket=0, num_rows=8)
     out = collate(TINY, batch, rows_multiple=2)
-    assert out["src"].tolist() == [[EOS_ID, PAD_ID], [EOS_ID, PAD_ID]]
-    assert out["tgt_out"].tolist() == [[12, EOS_ID], [PAD_ID, PAD_ID]]
-    assert out["src_valid_len"].tolist() == [1, 1] and out["tgt_valid_len"].tolist() == [2, 0]
+    assert out.src.tolist() == [[EOS_ID, PAD_ID], [EOS_ID, PAD_ID]]
+    assert out.tgt_out.tolist() == [[12, EOS_ID], [PAD_ID, PAD_ID]]
+    assert out.src_valid_len.tolist() == [1, 1] and out.tgt_valid_len.tolist() == [2, 0]
 
 
 def test_sentence_longer_than_the_batch_is_rejected() -> None:
@@ -67,12 +67,12 @@ def test_collate_matches_the_split_for_every_batch_of_an_epoch() -> None:
     stream = BatchStream(split.src_lengths, split.tgt_lengths, max_tokens=512, seed=0, rank=0, num_shards=1)
     for batch in stream.epoch_batches(0):
         out = collate(split, batch)
-        assert out["src"].shape == out["tgt_in"].shape == (batch.num_rows, batch.src_pad_len)
-        assert out["src"].size <= 512
+        assert out.src.shape == out.tgt_in.shape == (batch.num_rows, batch.src_pad_len)
+        assert out.src.size <= 512
         for row, i in enumerate(batch.indices):
             n_src, n_tgt = len(src[i]), len(tgt[i])
-            assert out["src"][row, :n_src + 1].tolist() == src[i] + [EOS_ID]
-            assert out["tgt_in"][row, :n_tgt + 1].tolist() == [BOS_ID] + tgt[i]
-            assert out["tgt_out"][row, :n_tgt + 1].tolist() == tgt[i] + [EOS_ID]
-            assert not out["src"][row, n_src + 1:].any() and not out["tgt_out"][row, n_tgt + 1:].any()
-        assert out["num_tgt_tokens"] == int(out["tgt_valid_len"].sum())
+            assert out.src[row, :n_src + 1].tolist() == src[i] + [EOS_ID]
+            assert out.tgt_in[row, :n_tgt + 1].tolist() == [BOS_ID] + tgt[i]
+            assert out.tgt_out[row, :n_tgt + 1].tolist() == tgt[i] + [EOS_ID]
+            assert not out.src[row, n_src + 1:].any() and not out.tgt_out[row, n_tgt + 1:].any()
+        assert out.num_tgt_tokens == int(out.tgt_valid_len.sum())
