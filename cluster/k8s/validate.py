@@ -3,19 +3,15 @@
     python cluster/k8s/validate.py job.yaml                     # prints "ok: ..." or one line per problem, exit 1
     python cluster/k8s/render.py --workers 4 --image IMG | python cluster/k8s/validate.py -
 
-Schema: `spec.versions[name=v2beta1].schema.openAPIV3Schema` of `../shared/schemas/kubeflow.org_mpijobs.yaml`
-(mpi-operator v0.8.2; `--crd FILE` or $MPIJOB_CRD to use another). The subset of JSON schema that CRD uses is
-implemented here: type, properties, required, additionalProperties, items, enum, pattern, format (int32/int64),
-anyOf, x-kubernetes-int-or-string and x-kubernetes-list-type (map keys / set items unique). Stricter than an API
-server, on purpose: unknown fields are errors (the server silently prunes them, so a typo like `resourcez` would
-vanish) and duplicate YAML keys are errors (YAML keeps the last one, so a second `Launcher:` would replace the first).
+The schema is `spec.versions[name=v2beta1].schema.openAPIV3Schema` of `../shared/schemas/kubeflow.org_mpijobs.yaml`
+(mpi-operator v0.8.2; `--crd FILE` or $MPIJOB_CRD for another), checked by `jsonschema` (draft 4, which OpenAPI v3.0
+extends; int32/int64 formats; x-kubernetes-list-type map keys and set items unique). Stricter than an API server on
+purpose: unknown fields are errors (the server prunes them, so a typo like `resourcez` would vanish silently), and so
+are duplicate YAML keys (YAML keeps the last, so a second `Launcher:` would replace the first).
 
-Operator rules checked on top (pkg/apis/kubeflow/validation and the pods it creates): exactly one Launcher
-replica; Worker replicas >= 1; replica types only Launcher/Worker; restartPolicy Never or OnFailure; cleanPodPolicy
-None/Running/All; at least one container per template; `-np` of the launcher's mpirun/horovodrun equal to
-Worker replicas x slotsPerWorker (plus one worker's slots with runLauncherAsWorker); `<name>-launcher` and
-`<name>-worker-<N-1>` valid DNS-1035 labels (pod hostnames under the job's Service); container and volume names
-DNS-1123 labels; PVC claim names DNS-1123 subdomains; every volumeMount names a volume of its pod.
+The operator's rules (pkg/apis/kubeflow/validation and the pods it creates) are schema keywords where they can be
+(OPERATOR_RULES: policies, minimums, at least one container, DNS-1123 names) and code where they relate several
+fields (operator_errors: one Launcher, replica types, `-np`, pod hostnames, volume references).
 """
 from __future__ import annotations
 
@@ -25,10 +21,12 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonschema import Draft4Validator, Draft7Validator, FormatChecker, ValidationError, validators
 
 DEFAULT_CRD = Path(__file__).resolve().parents[3] / "shared" / "schemas" / "kubeflow.org_mpijobs.yaml"
 API_VERSION, KIND = "kubeflow.org/v2beta1", "MPIJob"
@@ -46,9 +44,31 @@ MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun", "horovodrun")
 NP_FLAGS = ("-np", "--np", "-n", "--n", "--num-proc")
 INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
 
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS_NAMES = {  # kind -> (pattern, max length), as Kubernetes' apimachinery validation defines them
+    "DNS-1123 label": (re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), 63),
+    "DNS-1035 label": (re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$"), 63),
+    "DNS-1123 subdomain": (re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"), 253),
+}
+# The operator's rules that are plain schema keywords, by path (`*`: any replica type, `[]`: every item); the rules
+# that relate several fields (-np, pod hostnames, volume references, the replica types) are code further down.
+_POD = "spec.mpiReplicaSpecs.*.template.spec"
+OPERATOR_RULES = {
+    "metadata.namespace": {"x-dns-name": "DNS-1123 label"},
+    "spec.slotsPerWorker": {"minimum": 1},
+    "spec.sshAuthMountPath": {"minLength": 1},
+    "spec.launcherCreationPolicy": {"enum": list(LAUNCHER_CREATION_POLICIES)},
+    "spec.runPolicy.cleanPodPolicy": {"enum": list(CLEAN_POD_POLICIES)},
+    **{f"spec.runPolicy.{key}": {"minimum": 0} for key in ("backoffLimit", "activeDeadlineSeconds",
+                                                            "ttlSecondsAfterFinished")},
+    "spec.mpiReplicaSpecs.*": {"required": ["replicas"]},
+    "spec.mpiReplicaSpecs.*.replicas": {"minimum": 1},
+    "spec.mpiReplicaSpecs.*.restartPolicy": {"enum": list(RESTART_POLICIES)},
+    f"{_POD}.containers": {"minItems": 1},
+    f"{_POD}.containers[].name": {"x-dns-name": "DNS-1123 label"},
+    f"{_POD}.initContainers[].name": {"x-dns-name": "DNS-1123 label"},
+    f"{_POD}.volumes[].name": {"x-dns-name": "DNS-1123 label"},
+    f"{_POD}.volumes[].persistentVolumeClaim.claimName": {"x-dns-name": "DNS-1123 subdomain"},
+}
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -87,100 +107,120 @@ def load_schema(crd_path: str | Path | None = None, version: str = "v2beta1") ->
     raise ValueError(f"{path} has no version {version}; it has: {[v['name'] for v in crd['spec']['versions']]}")
 
 
-# ---------------------------------------------------------------------------------------------- schema subset
+# ---------------------------------------------------------------------------------------------- schema
 
-def _type_ok(value: Any, kind: str) -> bool:
-    if kind == "object":
-        return isinstance(value, dict)
-    if kind == "array":
-        return isinstance(value, list)
-    if kind == "string":
-        return isinstance(value, str)
-    if kind == "boolean":
-        return isinstance(value, bool)
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    raise ValueError(f"schema type {kind!r} is not supported by this validator")
+def strict_schema(crd_schema: dict) -> dict:
+    """The CRD schema made strict: ObjectMeta's user-settable part at `metadata`, unknown object fields and non-string
+    keys rejected, OPERATOR_RULES added. A new copy; idempotent, so an already strict schema comes back the same."""
+    schema = _strict({**crd_schema, "properties": {**crd_schema["properties"], "metadata": OBJECT_META_SCHEMA}})
+    for path, rules in OPERATOR_RULES.items():
+        node = schema
+        for part in path.split("."):  # every node on the way is a fresh copy made by _strict
+            name = part.removesuffix("[]")
+            node = node["additionalProperties"] if name == "*" else node["properties"][name]
+            node = node["items"] if part.endswith("[]") else node
+        node.update(rules)
+    return schema
 
 
-def _unknown_field(path: str, key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(sorted(known))}"
-    return f"{_join(path, key)}: unknown field{hint}"
+def _strict(schema: dict) -> dict:
+    out = dict(schema)
+    if "properties" in out:
+        out["properties"] = {key: _strict(sub) for key, sub in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    if "anyOf" in out:
+        out["anyOf"] = [_strict(sub) for sub in out["anyOf"]]
+    if out.get("type") == "object":
+        out["propertyNames"] = {"type": "string"}
+        # An API server prunes fields its structural schema does not name; rejecting them catches typos instead.
+        if "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+def _list_type(validator: Any, list_type: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    """`x-kubernetes-list-type`: items of a `set`, and the map keys of items of a `map`, are unique."""
+    if not isinstance(instance, list) or list_type not in ("set", "map"):
+        return
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    seen: dict[str, int] = {}
+    for i, item in enumerate(instance):
+        if list_type == "map" and not isinstance(item, dict):
+            continue  # a type error, reported by `items`
+        ident = item if list_type == "set" else tuple(item.get(k) for k in keys)
+        if repr(ident) in seen:
+            what = "item" if list_type == "set" else "/".join(keys)
+            yield ValidationError(f"duplicate {what} {ident!r} (also at [{seen[repr(ident)]}])", path=[i])
+        seen.setdefault(repr(ident), i)
 
 
-def schema_errors(value: Any, schema: dict, path: str = "") -> list[str]:
-    """Problems of `value` under `schema` (the CRD's JSON-schema subset), unknown object fields included."""
-    where = path or "<root>"
+def _dns_name(validator: Any, kind: str, instance: Any, schema: dict) -> Iterator[ValidationError]:
+    """`x-dns-name`: a string is a valid Kubernetes name of that kind (see DNS_NAMES)."""
+    if isinstance(instance, str) and not _is_dns(instance, kind):
+        yield ValidationError(f"{instance!r} is not a valid {kind}")
+
+
+def _is_dns(name: Any, kind: str) -> bool:
+    pattern, max_len = DNS_NAMES[kind]
+    return isinstance(name, str) and len(name) <= max_len and bool(pattern.match(name))
+
+
+# OpenAPI v3.0 schemas are JSON schema draft 4 plus a few keywords (Draft4's integer excludes 1.0, as Kubernetes does).
+_Validator = validators.extend(Draft4Validator, {"x-kubernetes-list-type": _list_type, "x-dns-name": _dns_name,
+                                                 "propertyNames": Draft7Validator.VALIDATORS["propertyNames"]})
+_FORMATS = FormatChecker(formats=())
+for _fmt, (_low, _high) in INT_RANGES.items():
+    _FORMATS.checks(_fmt)(lambda v, low=_low, high=_high: not isinstance(v, int) or low <= v <= high)
+
+
+def _where(path: Iterable[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "<root>"
+
+
+def _unknown_field(path: list, key: Any, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(sorted(known)) or 'none'}"
+    return f"{_where([*path, str(key)])}: unknown field{hint}"
+
+
+_MESSAGES = {  # jsonschema keyword -> message after "<path>: " (required and unknown fields are handled apart)
+    "type": "expected {rule}, got {kind} {value!r}",
+    "int-or-string": "expected an integer or a string, got {kind}",
+    "enum": "{value!r} is not one of {rule}",
+    "pattern": "{value!r} does not match {rule}",
+    "format": "{value} is out of {rule} range",
+    "minimum": "must be at least {rule}, got {value}",
+    "minLength": "must have at least {rule} character(s)",
+    "minItems": "must have at least {rule} item(s)",
+}
+
+
+def _messages(error: ValidationError) -> list[str]:
+    """One jsonschema error as messages that name the field path and the fix."""
+    path, value = list(error.absolute_path), error.instance
+    where = _where(path)
+    if "propertyNames" in error.relative_schema_path:
+        return [f"{where}: key {value!r} must be a string (quote it)"]
+    if error.validator == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        return [_unknown_field(path, key, known) for key in value if key not in known]
+    if error.validator == "required":
+        return [f"{_where([*path, key])}: required field is missing" for key in error.validator_value
+                if key not in value]
     if value is None:
         return [f"{where}: null is not allowed (remove the key instead)"]
-    if schema.get("x-kubernetes-int-or-string"):
-        if not (_type_ok(value, "integer") or _type_ok(value, "string")):
-            return [f"{where}: expected an integer or a string, got {type(value).__name__}"]
-    elif "anyOf" in schema:
-        if not any(not schema_errors(value, option, path) for option in schema["anyOf"]):
-            return [f"{where}: matches none of {[o.get('type') for o in schema['anyOf']]}"]
-    if "type" in schema and not _type_ok(value, schema["type"]):
-        return [f"{where}: expected {schema['type']}, got {type(value).__name__} {value!r}"]
-    errors: list[str] = []
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{where}: {value!r} is not one of {schema['enum']}")
-    if "pattern" in schema and isinstance(value, str) and not re.search(schema["pattern"], value):
-        errors.append(f"{where}: {value!r} does not match {schema['pattern']}")
-    if schema.get("format") in INT_RANGES and _type_ok(value, "integer"):
-        low, high = INT_RANGES[schema["format"]]
-        if not low <= value <= high:
-            errors.append(f"{where}: {value} is out of {schema['format']} range")
-    if isinstance(value, dict):
-        errors += _object_errors(value, schema, path)
-    if isinstance(value, list):
-        errors += _array_errors(value, schema, path)
-    return errors
+    int_or_string = error.validator == "anyOf" and error.schema.get("x-kubernetes-int-or-string")
+    template = _MESSAGES.get("int-or-string" if int_or_string else error.validator, "{message}")
+    return [f"{where}: " + template.format(rule=error.validator_value, kind=type(value).__name__, value=value,
+                                           message=error.message)]
 
 
-def _object_errors(value: dict, schema: dict, path: str) -> list[str]:
-    errors = [f"{_join(path, key)}: required field is missing" for key in schema.get("required", [])
-              if key not in value]
-    properties = schema.get("properties", {})
-    extra = schema.get("additionalProperties")
-    for key, item in value.items():
-        if not isinstance(key, str):
-            errors.append(f"{_join(path, str(key))}: keys must be strings")
-        elif key in properties:
-            errors += schema_errors(item, properties[key], _join(path, key))
-        elif isinstance(extra, dict):
-            errors += schema_errors(item, extra, _join(path, key))
-        elif extra is not True and not schema.get("x-kubernetes-preserve-unknown-fields"):
-            errors.append(_unknown_field(path, key, list(properties)))
-    return errors
-
-
-def _array_errors(value: list, schema: dict, path: str) -> list[str]:
-    errors: list[str] = []
-    for i, item in enumerate(value):
-        if "items" in schema:
-            errors += schema_errors(item, schema["items"], f"{path}[{i}]")
-    list_type = schema.get("x-kubernetes-list-type")
-    if list_type == "map":
-        keys = schema.get("x-kubernetes-list-map-keys", [])
-        seen: dict = {}
-        for i, item in enumerate(value):
-            if isinstance(item, dict):
-                ident = tuple(item.get(k) for k in keys)
-                if ident in seen:
-                    errors.append(f"{path}[{i}]: duplicate {'/'.join(keys)} {ident} (also at [{seen[ident]}])")
-                seen.setdefault(ident, i)
-    elif list_type == "set":
-        for i, item in enumerate(value):
-            if item in value[:i]:
-                errors.append(f"{path}[{i}]: duplicate item {item!r} in a set")
-    return errors
+def schema_errors(job: Any, schema: dict) -> list[str]:
+    """Problems of `job` under the strict form of the CRD schema `schema` (see strict_schema), in schema order."""
+    found = _Validator(strict_schema(schema), format_checker=_FORMATS).iter_errors(job)
+    return list(dict.fromkeys(message for error in found for message in _messages(error)))
 
 
 # ---------------------------------------------------------------------------------------------- operator rules
@@ -212,43 +252,18 @@ def launcher_np(container: dict) -> list[int | str]:
     return counts
 
 
-def _pod_errors(template: dict, path: str) -> list[str]:
+def _mount_errors(template: dict, path: str) -> list[str]:
+    """Every volumeMount of the pod names one of its volumes."""
     spec = template.get("spec", {}) if isinstance(template, dict) else {}
-    errors: list[str] = []
-    if not spec.get("containers"):
-        errors.append(f"{path}.spec.containers: must define at least one container")
     volumes = {v.get("name") for v in spec.get("volumes", []) if isinstance(v, dict)}
-    for i, volume in enumerate(spec.get("volumes", [])):
-        name = volume.get("name")
-        if name is not None and not _dns1123_label(name):
-            errors.append(f"{path}.spec.volumes[{i}].name: {name!r} is not a valid DNS-1123 label")
-        claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
-        if claim is not None and not _dns1123_subdomain(claim):
-            errors.append(f"{path}.spec.volumes[{i}].persistentVolumeClaim.claimName: {claim!r} is not a valid "
-                          "DNS-1123 subdomain")
+    errors: list[str] = []
     for group in ("initContainers", "containers"):
         for i, container in enumerate(spec.get(group, [])):
-            where = f"{path}.spec.{group}[{i}]"
-            name = container.get("name")
-            if name is not None and not _dns1123_label(name):
-                errors.append(f"{where}.name: {name!r} is not a valid DNS-1123 label")
             for j, mount in enumerate(container.get("volumeMounts", [])):
                 if mount.get("name") not in volumes:
-                    errors.append(f"{where}.volumeMounts[{j}].name: no volume named {mount.get('name')!r} in "
-                                  f"{path}.spec.volumes")
+                    errors.append(f"{path}.spec.{group}[{i}].volumeMounts[{j}].name: no volume named "
+                                  f"{mount.get('name')!r} in {path}.spec.volumes")
     return errors
-
-
-def _dns1123_label(name: Any) -> bool:
-    return isinstance(name, str) and len(name) <= 63 and bool(DNS1123_LABEL.match(name))
-
-
-def _dns1035_label(name: Any) -> bool:
-    return isinstance(name, str) and len(name) <= 63 and bool(DNS1035_LABEL.match(name))
-
-
-def _dns1123_subdomain(name: Any) -> bool:
-    return isinstance(name, str) and len(name) <= 253 and bool(DNS1123_SUBDOMAIN.match(name))
 
 
 def _replica_errors(specs: dict) -> list[str]:
@@ -264,16 +279,9 @@ def _replica_errors(specs: dict) -> list[str]:
         if not isinstance(spec, dict):
             continue
         replicas = spec.get("replicas")
-        if replicas is None:
-            errors.append(f"{base}.{rtype}.replicas: required field is missing")
-        elif rtype == "Launcher" and replicas != 1:
+        if rtype == "Launcher" and isinstance(replicas, int) and replicas > 1:  # below 1: OPERATOR_RULES
             errors.append(f"{base}.Launcher.replicas: must be exactly 1, got {replicas}")
-        elif rtype == "Worker" and isinstance(replicas, int) and replicas < 1:
-            errors.append(f"{base}.Worker.replicas: must be at least 1, got {replicas}")
-        policy = spec.get("restartPolicy", "Never")
-        if policy not in RESTART_POLICIES:
-            errors.append(f"{base}.{rtype}.restartPolicy: {policy!r} is not one of {list(RESTART_POLICIES)}")
-        errors += _pod_errors(spec.get("template", {}), f"{base}.{rtype}.template")
+        errors += _mount_errors(spec.get("template", {}), f"{base}.{rtype}.template")
     return errors
 
 
@@ -297,7 +305,11 @@ def _np_errors(job_spec: dict) -> list[str]:
 
 
 def operator_errors(job: dict) -> list[str]:
-    """The mpi-operator's rules beyond the schema (see the module docstring)."""
+    """The mpi-operator's rules that relate several fields (the rest are OPERATOR_RULES, checked with the schema):
+    exactly one Launcher replica; replica types only Launcher/Worker; `-np` of the launcher's mpirun/horovodrun equal
+    to Worker replicas x slotsPerWorker (plus one worker's slots with runLauncherAsWorker); `<name>-launcher` and
+    `<name>-worker-<N-1>` valid DNS-1035 labels (pod hostnames under the job's Service); every volumeMount names a
+    volume of its pod."""
     errors: list[str] = []
     meta = job.get("metadata") if isinstance(job.get("metadata"), dict) else {}
     spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
@@ -309,28 +321,11 @@ def operator_errors(job: dict) -> list[str]:
     else:
         last = max(1, workers if isinstance(workers, int) else 1) - 1
         for pod in (str(name), f"{name}-launcher", f"{name}-worker-{last}"):
-            if not _dns1035_label(pod):
+            if not _is_dns(pod, "DNS-1035 label"):
                 errors.append(f"metadata.name: {name!r} gives the name {pod!r}, which is not a valid DNS-1035 label "
                               "(lowercase letters, digits and '-', starting with a letter, at most 63 characters)")
                 break
-    if "namespace" in meta and not _dns1123_label(meta["namespace"]):
-        errors.append(f"metadata.namespace: {meta['namespace']!r} is not a valid DNS-1123 label")
     errors += _replica_errors(specs)
-    slots = spec.get("slotsPerWorker", 1)
-    if isinstance(slots, int) and slots < 1:
-        errors.append(f"spec.slotsPerWorker: must be at least 1, got {slots}")
-    policy = (spec.get("runPolicy") or {}).get("cleanPodPolicy", "None")
-    if policy not in CLEAN_POD_POLICIES:
-        errors.append(f"spec.runPolicy.cleanPodPolicy: {policy!r} is not one of {list(CLEAN_POD_POLICIES)}")
-    for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
-        value = (spec.get("runPolicy") or {}).get(key)
-        if isinstance(value, int) and value < 0:
-            errors.append(f"spec.runPolicy.{key}: must not be negative, got {value}")
-    creation = spec.get("launcherCreationPolicy", "AtStartup")
-    if creation not in LAUNCHER_CREATION_POLICIES:
-        errors.append(f"spec.launcherCreationPolicy: {creation!r} is not one of {list(LAUNCHER_CREATION_POLICIES)}")
-    if spec.get("sshAuthMountPath", "/root/.ssh") == "":
-        errors.append("spec.sshAuthMountPath: must not be empty")
     if isinstance(specs.get("Launcher"), dict):
         errors += _np_errors(spec)
     return errors
@@ -345,8 +340,7 @@ def validate(job: Any, schema: dict) -> list[str]:
         errors.append(f"apiVersion: {job.get('apiVersion')!r}; this validator checks {API_VERSION}")
     if job.get("kind") != KIND:
         errors.append(f"kind: {job.get('kind')!r}; expected {KIND}")
-    root = {**schema, "properties": {**schema["properties"], "metadata": OBJECT_META_SCHEMA}}
-    errors += schema_errors(job, root)
+    errors += schema_errors(job, schema)
     try:
         errors += operator_errors(job)
     except (AttributeError, TypeError, KeyError):
@@ -364,11 +358,8 @@ def validate_text(text: str, schema: dict) -> list[str]:
         return [f"YAML: {err}"]
     if not docs:
         return ["YAML: no documents"]
-    out: list[str] = []
-    for i, doc in enumerate(docs):
-        prefix = f"document {i}: " if len(docs) > 1 else ""
-        out += [prefix + e for e in validate(doc, schema)]
-    return out
+    return [(f"document {i}: " if len(docs) > 1 else "") + error
+            for i, doc in enumerate(docs) for error in validate(doc, schema)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -379,13 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     schema = load_schema(args.crd)
     failed = False
     for name in args.files:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text()
-        errors = validate_text(text, schema)
         label = "<stdin>" if name == "-" else name
-        for error in errors:
-            print(f"{label}: {error}")
-        if not errors:
-            print(f"ok: {label}")
+        errors = validate_text(sys.stdin.read() if name == "-" else Path(name).read_text(), schema)
+        print("\n".join(f"{label}: {error}" for error in errors) if errors else f"ok: {label}")
         failed |= bool(errors)
     return 1 if failed else 0
 
