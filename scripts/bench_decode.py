@@ -19,18 +19,22 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # the trainer's process set-up (tcmalloc, threads) before MXNet is imported
+    from dist_nmt import environment
+
+    environment.init([__file__, *sys.argv[1:]])
+
 import mxnet as mx
 import numpy as np
 
+from dist_nmt import allocator
+from dist_nmt.config import load_config
+from dist_nmt.data import BOS_ID as BOS
+from dist_nmt.data import EOS_ID as EOS
+from dist_nmt.decode import translate_batch
+from dist_nmt.models import build_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dist_nmt import allocator  # noqa: E402
-from dist_nmt.config import load_config  # noqa: E402
-from dist_nmt.decode import translate_batch  # noqa: E402
-from dist_nmt.models import build_model  # noqa: E402
-
-BOS, EOS = 2, 3
 
 
 def random_sources(num: int, vocab: int, min_len: int, max_len: int, seed: int):
@@ -151,5 +155,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    allocator.preload_tcmalloc([__file__, *sys.argv[1:]])  # what training runs on (dist_nmt/allocator.py)
     main()

@@ -9,10 +9,12 @@ One step = forward + label-smoothed cross-entropy + backward + Adam update on a 
 alternate step by step, and the best step time is reported (plus the median and the process CPU time, the
 steadier measure when other processes share the cores):
 
-- `ours`: our model and the trainer's loss (dist_nmt.loss).
+- `ours`: the trainer's own code: the model as `dist_nmt.train.build_model_for` builds it, the optimizer of
+  `dist_nmt.train.make_optimizer` (Horovod's DistributedTrainer, a world of one) and `dist_nmt.step.train_step`
+  (loss, gradient norm, clipping, update) — exactly what one training update runs.
 - `reference`: GluonNLP 0.10's training step as its scripts/machine_translation/train_transformer.py runs it:
   NMTModel from get_transformer_encoder_decoder, LabelSmoothing(units=V) and MaskedSoftmaxCELoss(sparse_label=False).
-- `reference_model`: the same GluonNLP model under our loss: the model-only comparison.
+- `reference_model`: the same GluonNLP model under our step (`dist_nmt.step.train_step`): the model-only comparison.
 
 Achieved GFLOP/s is an analytic count (matrix products only, backward = 2x forward) over the best step time, given
 as a fraction of the FullyConnected fp32 peak measured in the same run (4096x1024x4096). The process runs on
@@ -28,24 +30,29 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # the trainer's process set-up (tcmalloc, threads) before MXNet is imported
+    from dist_nmt import environment
+
+    environment.init([__file__, *sys.argv[1:]])
+
 import mxnet as mx
 from mxnet import autograd, gluon
 
+from dist_nmt import allocator, distributed
+from dist_nmt.config import Config, load_config
+from dist_nmt.data import ArrayBatch, random_batch
+from dist_nmt.step import train_step
+from dist_nmt.train import build_model_for, make_optimizer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dist_nmt import allocator  # noqa: E402
-from dist_nmt.config import load_config  # noqa: E402
-from dist_nmt.loss import label_smoothed_nll  # noqa: E402
-from dist_nmt.models import build_model  # noqa: E402
 
 
-def preset_model_config(preset: str):
-    """`transformer_base` (a name in configs/models/) or a YAML path -> ModelConfig."""
+def preset_config(preset: str, overrides: tuple[str, ...] = ()) -> Config:
+    """`transformer_base` (a name in configs/models/) or a YAML path -> a whole Config (defaults elsewhere)."""
     path = Path(preset)
     if not path.suffix:
         path = ROOT / "configs" / "models" / f"{preset}.yaml"
-    return load_config(path, ["train.max_updates=1"]).model
+    return load_config(path, ["train.max_updates=1", *overrides])
 
 
 def fc_peak_gflops(reps: int = 10) -> float:
@@ -100,47 +107,29 @@ def gluonnlp_loss(vocab: int):
     return lambda logits, labels, valid_len, epsilon: loss(logits, smoothing(labels), valid_len).sum()
 
 
-def label_smoothed_loss(logits, labels, valid_len, epsilon: float):
-    """The trainer's label-smoothed cross-entropy (dist_nmt.loss), normalised by the number of target tokens."""
-    loss_sum, _ = label_smoothed_nll(logits, labels, valid_len, epsilon)
-    return loss_sum / mx.nd.sum(valid_len)
+def trainer_step(cfg: Config, model, batch: ArrayBatch):
+    """A closure running one update exactly as the trainer does (`dist_nmt.step.train_step`) on `batch`."""
+    trainer = make_optimizer(cfg, model)
+
+    def step() -> None:
+        train_step(model, trainer, [batch], mx.cpu(), 1.0, cfg.optim, batch.num_tgt_tokens)
+        mx.nd.waitall()
+
+    return step
 
 
-def fused_label_smoothed_loss(logits, labels, valid_len, epsilon: float):
-    """Same gradient from one fused op: SoftmaxOutput's backward is (softmax - smoothed target) / tokens.
-
-    Its forward returns probabilities, not a loss value (a trainer would log -log p[label] from them). Padded
-    positions get label -1, which SoftmaxOutput ignores. MXNet smooths with epsilon/(V-1) on the other classes.
-    """
-    mask = mx.nd.SequenceMask(mx.nd.ones_like(labels), sequence_length=valid_len, use_sequence_length=True, axis=1)
-    labels = mx.nd.where(mask, labels, -mx.nd.ones_like(labels))
-    return mx.nd.SoftmaxOutput(logits, labels, smooth_alpha=epsilon, use_ignore=True, ignore_label=-1,
-                               preserve_shape=True, normalization="null",
-                               grad_scale=1.0 / float(valid_len.sum().asscalar()))
-
-
-LOSSES = {"trainer": label_smoothed_loss, "fused": fused_label_smoothed_loss}
-
-
-def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0):
-    """src, tgt_in, tgt_out (B, L) float ids in [4, V) and full valid lengths (B,)."""
-    mx.random.seed(seed)
-    src = mx.nd.random.randint(4, vocab, shape=(batch, seq_len)).astype("float32")
-    tgt = mx.nd.random.randint(4, vocab, shape=(batch, seq_len + 1)).astype("float32")
-    lens = mx.nd.full((batch,), seq_len)
-    return src, tgt[:, :-1], tgt[:, 1:], lens
-
-
-def make_train_step(forward, params, batch, epsilon: float, loss_fn=label_smoothed_loss):
-    """A closure running one synchronous training step (forward, loss, backward, Adam) on `batch`."""
+def gluonnlp_step(forward, params, batch: ArrayBatch, vocab: int):
+    """GluonNLP 0.10's own training step (its loss, gluon Trainer) on `batch`."""
     trainer = gluon.Trainer(params, "adam", {"learning_rate": 1e-4, "beta2": 0.98, "epsilon": 1e-9})
-    src, tgt_in, tgt_out, lens = batch
+    loss_fn = gluonnlp_loss(vocab)
+    src, tgt_in, tgt_out = (mx.nd.array(a, dtype="float32") for a in (batch.src, batch.tgt_in, batch.tgt_out))
+    src_len, tgt_len = mx.nd.array(batch.src_valid_len), mx.nd.array(batch.tgt_valid_len)
 
     def step() -> None:
         with autograd.record():
-            loss = loss_fn(forward(src, lens, tgt_in, lens), tgt_out, lens, epsilon)
+            loss = loss_fn(forward(src, src_len, tgt_in, tgt_len), tgt_out, tgt_len, 0.1)
         loss.backward()
-        trainer.step(1)
+        trainer.step(int(batch.num_tgt_tokens))
         mx.nd.waitall()
 
     return step
@@ -177,8 +166,22 @@ def gluonnlp_reference(hp, vocab: int, prefix: str = "ref_"):
     model = NMTModel(vocab_list, vocab_list, encoder, decoder, one_step, embed_size=hp.d_model,
                      share_embed=True, tie_weights=True, prefix=f"{prefix}nmt_")
     model.initialize(mx.init.Xavier(magnitude=3))
+    model.collect_params().setattr("grad_req", "add")  # as the trainer's models (train_step zeroes after update)
     model.hybridize(static_alloc=True)
     return model, lambda src, sl, tgt, tl: model(src, tgt, sl, tl)[0]
+
+
+class _Forward:
+    """A GluonNLP model seen through our model contract (`model(src, src_len, tgt_in, tgt_len) -> logits`)."""
+
+    def __init__(self, model, forward) -> None:
+        self.model, self.forward = model, forward
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+    def collect_params(self):
+        return self.model.collect_params()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -189,33 +192,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
-    parser.add_argument("--loss", choices=sorted(LOSSES), default="trainer",
-                        help="trainer: dist_nmt.loss as used in training; fused: SoftmaxOutput (same gradient)")
     parser.add_argument("--no-reference", action="store_true", help="skip the GluonNLP comparison")
+    parser.add_argument("overrides", nargs="*", help="config overrides for our model, e.g. precision.dtype=bf16")
     args = parser.parse_args(argv)
 
-    model_cfg = preset_model_config(args.preset)
+    distributed.init_world()
+    cfg = preset_config(args.preset, tuple(args.overrides))
+    model_cfg = cfg.model
     hp = getattr(model_cfg, model_cfg.arch)
-    batch = random_batch(args.batch_sentences, args.seq_len, args.vocab)
+    batch = random_batch(args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
     num_tokens = 2 * args.batch_sentences * args.seq_len
     peak = fc_peak_gflops()
-    model = build_model(model_cfg.arch, hp, args.vocab)
-    model.initialize(mx.init.Xavier(magnitude=3))
-    model.hybridize(static_alloc=True)
-    loss_fn = LOSSES[args.loss]
-    steps = {"ours": make_train_step(model, model.collect_params(), batch, args.label_smoothing, loss_fn)}
+    model = build_model_for(cfg, args.vocab, mx.cpu())
+    steps = {"ours": trainer_step(cfg, model, batch)}
     with_reference = model_cfg.arch == "transformer" and not args.no_reference
     if with_reference:
         ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
-        steps["reference"] = make_train_step(ref_forward, ref_model.collect_params(), batch, args.label_smoothing,
-                                             gluonnlp_loss(args.vocab))
+        steps["reference"] = gluonnlp_step(ref_forward, ref_model.collect_params(), batch, args.vocab)
         ref_model2, ref_forward2 = gluonnlp_reference(hp, args.vocab, prefix="ref2_")
-        steps["reference_model"] = make_train_step(ref_forward2, ref_model2.collect_params(), batch,
-                                                   args.label_smoothing, loss_fn)
+        steps["reference_model"] = trainer_step(cfg, _Forward(ref_model2, ref_forward2), batch)
     times, cpu_times = time_alternating(steps, args.steps, args.warmup)
     sec, sec_median = min(times["ours"]), statistics.median(times["ours"])
-    result = {"preset": args.preset, "arch": model_cfg.arch, "loss": args.loss,
+    result = {"preset": args.preset, "arch": model_cfg.arch, "overrides": args.overrides,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "allocator": allocator.status(),
               "batch_sentences": args.batch_sentences, "seq_len": args.seq_len, "vocab": args.vocab,
               "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1), "timed_steps": args.steps,
@@ -236,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                       ref_cpu_sec_per_step_best=round(min(cpu_times["reference"]), 4),
                       speedup_vs_reference_cpu=round(min(cpu_times["reference"]) / min(cpu_times["ours"]), 3))
         model_sec = min(times["reference_model"])
-        result.update(reference_model="the same GluonNLP model under our loss (dist_nmt.loss)",
+        result.update(reference_model="the same GluonNLP model under our step (dist_nmt.step.train_step)",
                       ref_model_sec_per_step_best=round(model_sec, 4),
                       ref_model_tokens_per_sec=round(num_tokens / model_sec, 1),
                       speedup_vs_reference_model=round(model_sec / sec, 3),
@@ -247,5 +245,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    allocator.preload_tcmalloc([__file__, *sys.argv[1:]])  # what training runs on (dist_nmt/allocator.py)
     main()

@@ -10,7 +10,7 @@
         arrays = collate(train, batch)                           # src, src_valid_len, tgt_in, tgt_out, ...
     Vocab.load(vocab_path(cfg.data.prepared_dir)).decode(ids)    # detokenized text for BLEU
 """
-from dist_nmt.data.batch import ArrayBatch, Batch, collate, padding_efficiency
+from dist_nmt.data.batch import ArrayBatch, Batch, collate, padding_efficiency, random_batch
 from dist_nmt.data.bucketing import bucket_boundaries
 from dist_nmt.data.dataset import EncodedSplit, prepare, vocab_path
 from dist_nmt.data.rundata import RunData
@@ -20,7 +20,6 @@ from dist_nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
 
 __all__ = [
     "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "ArrayBatch", "Batch", "BatchStream", "DataError", "EncodedSplit",
-    "RunData", "Vocab",
-    "bucket_boundaries", "collate", "make_global_batches", "padding_efficiency", "prepare", "read_lines",
-    "split_paths", "vocab_path",
+    "RunData", "Vocab", "bucket_boundaries", "collate", "make_global_batches", "padding_efficiency", "prepare",
+    "random_batch", "read_lines", "split_paths", "vocab_path",
 ]

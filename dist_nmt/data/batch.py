@@ -123,3 +123,14 @@ def padding_efficiency(batches: Iterable[Batch | tuple[Batch, ...]], src_lengths
     real = int(np.asarray(src_lengths)[idx].sum() + np.asarray(tgt_lengths)[idx].sum()) + 2 * len(idx)
     slots = sum(b.num_rows * (b.src_pad_len + b.tgt_pad_len) for b in flat)
     return real / slots
+
+
+def random_batch(rows: int, src_len: int, tgt_len: int, vocab_size: int, seed: int = 0) -> ArrayBatch:
+    """A batch of random ids in [4, vocab_size) with every sentence at full length (for benchmarks and tests):
+    src = ids + [EOS] over `src_len` positions, tgt_in = [BOS] + ids, tgt_out = ids + [EOS] over `tgt_len`."""
+    rng = np.random.RandomState(seed)
+    src = rng.randint(4, vocab_size, (rows, src_len)).astype(np.int32)
+    tgt = rng.randint(4, vocab_size, (rows, tgt_len + 1)).astype(np.int32)
+    src[:, -1], tgt[:, 0], tgt[:, -1] = EOS_ID, BOS_ID, EOS_ID
+    return ArrayBatch(src, np.full(rows, src_len, np.float32), tgt[:, :-1].copy(), tgt[:, 1:].copy(),
+                      np.full(rows, tgt_len, np.float32), num_src_tokens=rows * src_len, num_tgt_tokens=rows * tgt_len)
