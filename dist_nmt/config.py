@@ -51,6 +51,8 @@ class ModelConfig:
     """`arch` picks the model; its section holds that model's sizes."""
 
     arch: str = "transformer"
+    # auto: fused CPU ops (dist_nmt/ops) when the library loaded; on: fail if it did not; off: pure MXNet.
+    fused_ops: str = "auto"
     transformer: TransformerHParams = field(default_factory=TransformerHParams)
     gnmt: GNMTHParams = field(default_factory=GNMTHParams)
 
@@ -145,6 +147,7 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.fused_ops": ("auto", "on", "off"),
     "model.arch": ("gnmt", "transformer"),
     "model.gnmt.attention": ("mlp", "normed_mlp"),
     "precision.dtype": ("bf16", "fp16", "fp32"),

@@ -87,6 +87,7 @@ def train_step(model, trainer, batches: list[dict], ctx, scale: float, clip_norm
 def _build_model(cfg, vocab_size: int, ctx):
     import mxnet as mx
 
+    from dist_nmt import ops
     from dist_nmt.models import build_model
     from dist_nmt.precision import init_amp
 
@@ -94,7 +95,8 @@ def _build_model(cfg, vocab_size: int, ctx):
     # deliberately not called: it would install a second scaler.
     init_amp(cfg.precision.dtype)
     hparams = getattr(cfg.model, cfg.model.arch)
-    model = build_model(cfg.model.arch, hparams, vocab_size)
+    fused = ops.resolve(cfg.model.fused_ops, on_gpu=ctx.device_type == "gpu")  # every rank, before building
+    model = build_model(cfg.model.arch, hparams, vocab_size, fused_ops=fused)
     mx.random.seed(cfg.train.seed)
     model.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3.0), ctx=ctx)
     model.collect_params().setattr("grad_req", "add")  # accumulate micro-batches; zeroed after each update

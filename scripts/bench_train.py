@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset transformer_base \
         --batch-sentences 128 --seq-len 25
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset tiny --steps 3 --no-reference
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset transformer_base --fused-ops off
 
 One step = forward + label-smoothed cross-entropy + backward + Adam update on a random batch (every sentence
 `--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens. Candidates
@@ -34,7 +35,7 @@ from mxnet import autograd, gluon
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_nmt import allocator  # noqa: E402
+from dist_nmt import allocator, ops  # noqa: E402
 from dist_nmt.config import load_config  # noqa: E402
 from dist_nmt.loss import label_smoothed_nll  # noqa: E402
 from dist_nmt.models import build_model  # noqa: E402
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--loss", choices=sorted(LOSSES), default="trainer",
                         help="trainer: dist_nmt.loss as used in training; fused: SoftmaxOutput (same gradient)")
     parser.add_argument("--no-reference", action="store_true", help="skip the GluonNLP comparison")
+    parser.add_argument("--fused-ops", choices=ops.FUSED_OPS_MODES, default="auto",
+                        help="model.fused_ops for our model: fused CPU ops (dist_nmt/ops) or the pure-MXNet path")
     args = parser.parse_args(argv)
 
     model_cfg = preset_model_config(args.preset)
@@ -200,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     batch = random_batch(args.batch_sentences, args.seq_len, args.vocab)
     num_tokens = 2 * args.batch_sentences * args.seq_len
     peak = fc_peak_gflops()
-    model = build_model(model_cfg.arch, hp, args.vocab)
+    fused = ops.resolve(args.fused_ops)
+    model = build_model(model_cfg.arch, hp, args.vocab, fused_ops=fused)
     model.initialize(mx.init.Xavier(magnitude=3))
     model.hybridize(static_alloc=True)
     loss_fn = LOSSES[args.loss]
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    args.label_smoothing, loss_fn)
     times, cpu_times = time_alternating(steps, args.steps, args.warmup)
     sec, sec_median = min(times["ours"]), statistics.median(times["ours"])
-    result = {"preset": args.preset, "arch": model_cfg.arch, "loss": args.loss,
+    result = {"preset": args.preset, "arch": model_cfg.arch, "loss": args.loss, "fused_ops": fused,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "allocator": allocator.status(),
               "batch_sentences": args.batch_sentences, "seq_len": args.seq_len, "vocab": args.vocab,
               "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1), "timed_steps": args.steps,

@@ -29,10 +29,20 @@ MODELS: dict[str, type[HybridBlock]] = {
 }
 
 
-def build_model(arch: str, hparams, vocab_size: int) -> HybridBlock:
-    """Construct model `arch` with its hyper-parameters (TransformerHParams, GNMTHParams, ...)."""
+# Models that can run on the fused CPU ops of dist_nmt.ops (constructor argument `fused_ops`).
+FUSED_OPS_MODELS = ("transformer",)
+
+
+def build_model(arch: str, hparams, vocab_size: int, fused_ops: bool = False) -> HybridBlock:
+    """Construct model `arch` with its hyper-parameters (TransformerHParams, GNMTHParams, ...).
+
+    `fused_ops=True` (only after `dist_nmt.ops.load()` succeeded) selects the fused CPU ops where the model has
+    them; other models ignore it.
+    """
     if arch not in MODELS:
         raise ValueError(f"unknown model '{arch}'; choose one of: {', '.join(sorted(MODELS))}")
+    if arch in FUSED_OPS_MODELS:
+        return MODELS[arch](hparams, vocab_size, fused_ops=fused_ops)
     return MODELS[arch](hparams, vocab_size)
 
 
