@@ -146,6 +146,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+ON_OFF_KEYS = {"model.fused_ops"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.fused_ops": ("auto", "on", "off"),
     "model.arch": ("gnmt", "transformer"),
@@ -198,6 +199,8 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool) and path in ON_OFF_KEYS:  # YAML 1.1 reads bare on/off as booleans
+            return "on" if value else "off"
         _fail(path, f"expected a string, got {value!r}")
     raise TypeError(f"unsupported config field type {typ!r} at {path}")
 

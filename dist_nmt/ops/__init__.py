@@ -46,7 +46,9 @@ def compile_flags() -> list[str]:
     if arch is None:
         arch = "-march=x86-64-v3" if platform.machine() in ("x86_64", "AMD64") else ""
     # -fopenmp links the system libgomp.so.1, the same OpenMP runtime libmxnet.so already loaded.
-    return ["-O3", *arch.split(), "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    # -Bsymbolic: Horovod's MXNet extension exports its own copy of lib_api's mxnet::ext symbols; without it this
+    # library's op registry binds to Horovod's and dlopen dies with SIGFPE when Horovod was imported first.
+    return ["-O3", *arch.split(), "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wl,-Bsymbolic"]
 
 
 def source_hash() -> str:

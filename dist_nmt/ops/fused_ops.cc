@@ -289,6 +289,65 @@ MXReturnValue attention_backward(const Attrs& attrs, std::vector<MXTensor>* in, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// dn_smoothed_nll(logits, labels; eps) -> (loss, nll, lse), one row at a time so nothing (N, V) is stored besides
+// the logits: logits (N, V), labels (N,) float ids. nll = lse - x[label]; loss = (1-eps) nll + eps (lse - mean x)
+// (the uniform-smoothed cross-entropy of dist_nmt/loss.py). Backward recomputes softmax from logits and lse; the
+// gradient of lse is ignored (callers use it only for its value).
+
+inline int64_t label_of(float label, int64_t v) {
+  const int64_t id = static_cast<int64_t>(label);
+  return id < 0 ? 0 : (id >= v ? v - 1 : id);
+}
+
+MXReturnValue smoothed_nll_forward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                                   const OpResource&) {
+  const float eps = attr_float(attrs, "eps", 0.0f);
+  const int64_t v = in->at(0).shape.back(), n = rows_of(in->at(0));
+  const float* x = in->at(0).data<float>();
+  const float* labels = in->at(1).data<float>();
+  float *loss = out->at(0).data<float>(), *nll = out->at(1).data<float>(), *lse = out->at(2).data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = x + i * v;
+    float top = -INFINITY;
+    double total = 0.0, sum_exp = 0.0;
+    for (int64_t j = 0; j < v; ++j) top = std::max(top, row[j]);
+#pragma omp simd reduction(+ : total, sum_exp)
+    for (int64_t j = 0; j < v; ++j) {
+      total += row[j];
+      sum_exp += std::exp(row[j] - top);
+    }
+    lse[i] = top + static_cast<float>(std::log(sum_exp));
+    nll[i] = lse[i] - row[label_of(labels[i], v)];
+    loss[i] = (1.0f - eps) * nll[i] + eps * (lse[i] - static_cast<float>(total / v));
+  }
+  return MX_SUCCESS;
+}
+
+// in: d_loss, d_nll, d_lse (ignored), logits, labels, loss, nll, lse. out: dlogits, dlabels.
+MXReturnValue smoothed_nll_backward(const Attrs& attrs, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                                    const OpResource&) {
+  const float eps = attr_float(attrs, "eps", 0.0f);
+  const float *g_loss = in->at(0).data<float>(), *g_nll = in->at(1).data<float>();
+  const float* x = in->at(3).data<float>();
+  const float* labels = in->at(4).data<float>();
+  const float* lse = in->at(7).data<float>();
+  const int64_t v = in->at(3).shape.back(), n = rows_of(in->at(3));
+  float* dx = out->at(0).data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = g_loss[i] + g_nll[i], uniform = g_loss[i] * eps / v;
+    const float *row = x + i * v;
+    float* drow = dx + i * v;
+#pragma omp simd
+    for (int64_t j = 0; j < v; ++j) drow[j] = g * std::exp(row[j] - lse[i]) - uniform;
+    drow[label_of(labels[i], v)] -= g_loss[i] * (1.0f - eps) + g_nll[i];
+  }
+  zero(&out->at(1));
+  return MX_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Shape/type inference and registration.
 
 MXReturnValue all_float32(const Attrs&, std::vector<int>* in_types, std::vector<int>* out_types) {
@@ -327,6 +386,23 @@ MXReturnValue parse_add_dropout(const Attrs&, int* num_in, int* num_out) {
 MXReturnValue parse_attention(const Attrs&, int* num_in, int* num_out) {
   *num_in = 5;
   *num_out = 2;
+  return MX_SUCCESS;
+}
+
+MXReturnValue parse_smoothed_nll(const Attrs&, int* num_in, int* num_out) {
+  *num_in = 2;
+  *num_out = 3;
+  return MX_SUCCESS;
+}
+
+MXReturnValue shape_smoothed_nll(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                                 std::vector<std::vector<unsigned int>>* out) {
+  std::vector<unsigned int> rows(in->at(0).begin(), in->at(0).end() - 1);
+  if (in->at(0).size() < 2 || in->at(1) != rows) {
+    MX_ERROR_MSG << "dn_smoothed_nll: expected logits (..., V) and labels (...)";
+    return MX_FAIL;
+  }
+  for (auto& o : *out) o = rows;
   return MX_SUCCESS;
 }
 
@@ -395,6 +471,13 @@ REGISTER_OP(dn_attention)
     .setParseAttrs(parse_attention)
     .setInferType(all_float32)
     .setInferShape(shape_attention);
+
+REGISTER_OP(dn_smoothed_nll)
+    .setForward(smoothed_nll_forward, "cpu")
+    .setBackward(smoothed_nll_backward, "cpu")
+    .setParseAttrs(parse_smoothed_nll)
+    .setInferType(all_float32)
+    .setInferShape(shape_smoothed_nll);
 
 MXReturnValue initialize(int version) {
   if (version >= 10900) return MX_SUCCESS;

@@ -2,7 +2,11 @@
 seed, and a Transformer trains and decodes the same with model.fused_ops on and off."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import mxnet as mx
 import numpy as np
@@ -237,3 +241,34 @@ def test_resolve_modes():
         ops.resolve("fast")
     assert ops.is_current()
 
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_fused_loss_equals_label_smoothed_nll(epsilon):
+    from dist_nmt.loss import fused_label_smoothed_nll
+
+    rng = np.random.RandomState(7)
+    logits = mx.nd.array(rng.randn(3, 6, 301) * 4)
+    tgt_out = mx.nd.array(rng.randint(0, 301, size=(3, 6)))
+    tgt_len = mx.nd.array([6, 2, 4])
+    results = []
+    for loss_fn in (label_smoothed_nll, fused_label_smoothed_nll):
+        x = logits.copy()
+        x.attach_grad()
+        with autograd.record():
+            loss, nll = loss_fn(x, tgt_out, tgt_len, epsilon)
+            total = loss + 0.5 * nll  # both outputs carry gradient
+        total.backward()
+        results.append((loss.asscalar(), nll.asscalar(), x.grad.asnumpy()))
+    (loss, nll, grad), (loss_ref, nll_ref, grad_ref) = results[1], results[0]
+    np.testing.assert_allclose([loss, nll], [loss_ref, nll_ref], rtol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-6, rtol=1e-4)
+    assert np.all(grad[1, 2:] == 0)  # padded positions get no gradient
+
+
+def test_library_loads_after_horovod_was_imported():
+    """Horovod's MXNet extension carries its own lib_api symbols; the library must not bind to them."""
+    code = "import horovod.mxnet\nfrom dist_nmt import ops\nassert ops.load(), ops.unavailable_reason()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
