@@ -7,10 +7,13 @@ CONFIG ?= configs/multi30k.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap train prepare test test-slow test-slurm test-all lint bench clean
+.PHONY: bootstrap ops train prepare test test-slow test-slurm test-all lint bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
+
+ops:
+	$(PY) -m dist_nmt.ops build
 
 prepare: bootstrap
 	$(VENV)/bin/dist-nmt prepare --config $(CONFIG) $(ARGS)

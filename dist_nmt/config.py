@@ -48,6 +48,8 @@ class ModelConfig:
     """`arch` picks the model; its section holds that model's sizes."""
 
     arch: str = "transformer"
+    # auto: fused CPU ops (dist_nmt/ops) when the library loaded; on: fail if it did not; off: pure MXNet.
+    fused_ops: str = "auto"
     transformer: TransformerHParams = field(default_factory=TransformerHParams)
     gnmt: GNMTHParams = field(default_factory=GNMTHParams)
 
@@ -141,7 +143,9 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
+ON_OFF_KEYS = {"model.fused_ops"}
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.fused_ops": ("auto", "on", "off"),
     "model.arch": MODEL_NAMES,
     "model.gnmt.attention": ("mlp", "normed_mlp"),
     "precision.dtype": ("bf16", "fp16", "fp32"),
@@ -192,6 +196,8 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool) and path in ON_OFF_KEYS:  # YAML 1.1 reads bare on/off as booleans
+            return "on" if value else "off"
         _fail(path, f"expected a string, got {value!r}")
     raise TypeError(f"unsupported config field type {typ!r} at {path}")
 

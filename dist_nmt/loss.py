@@ -32,3 +32,17 @@ def label_smoothed_nll(logits: mx.nd.NDArray, tgt_out: mx.nd.NDArray, tgt_valid_
     mask = mx.nd.SequenceMask(mx.nd.ones_like(nll), sequence_length=tgt_valid_len,
                               use_sequence_length=True, axis=1)           # (B, T)
     return mx.nd.sum(per_token * mask), mx.nd.sum(nll * mask)
+
+
+def fused_label_smoothed_nll(logits: mx.nd.NDArray, tgt_out: mx.nd.NDArray, tgt_valid_len: mx.nd.NDArray,
+                             epsilon: float) -> tuple[mx.nd.NDArray, mx.nd.NDArray]:
+    """`label_smoothed_nll` as one fused op per row (`dn_smoothed_nll`, needs `dist_nmt.ops.load()` first).
+
+    Same contract and values. Its backward recomputes the softmax from the logits, so besides the logits and their
+    gradient nothing of size (B, T, V) is kept: at WMT vocabularies (V = 32k) that bounds the loss's memory to two
+    logit-sized buffers instead of the log-probabilities, the smoothing product and their gradients.
+    """
+    per_token, nll, _ = mx.nd.dn_smoothed_nll(logits, tgt_out.astype("float32", copy=False), eps=epsilon)  # (B, T)
+    mask = mx.nd.SequenceMask(mx.nd.ones_like(nll), sequence_length=tgt_valid_len,
+                              use_sequence_length=True, axis=1)           # (B, T)
+    return mx.nd.sum(per_token * mask), mx.nd.sum(nll * mask)

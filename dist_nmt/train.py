@@ -28,7 +28,7 @@ from pathlib import Path
 import mxnet as mx
 from tqdm import tqdm
 
-from dist_nmt import allocator, distributed
+from dist_nmt import allocator, distributed, ops
 from dist_nmt.checkpoint import Checkpointer, Progress, TrainState
 from dist_nmt.config import Config, save_config
 from dist_nmt.data import RunData
@@ -50,7 +50,8 @@ def build_model_for(cfg: Config, vocab_size: int, ctx: mx.Context) -> mx.gluon.H
     # Loss scaling stays with our LossScaler (one state machine over reduced gradients), so amp.init_trainer is
     # deliberately not called: it would install a second scaler.
     init_amp(cfg.precision.dtype)
-    model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), vocab_size)
+    fused = ops.resolve(cfg.model.fused_ops, on_gpu=ctx.device_type == "gpu")  # every rank, before building
+    model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), vocab_size, fused_ops=fused)
     mx.random.seed(cfg.train.seed)
     model.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3.0), ctx=ctx)
     model.collect_params().setattr("grad_req", "add")  # accumulate micro-batches; zeroed after each update

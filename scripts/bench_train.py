@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset transformer_base \
         --batch-sentences 128 --seq-len 25
     OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset tiny --steps 3 --no-reference
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/bench_train.py --preset transformer_base model.fused_ops=off
 
 One step = forward + label-smoothed cross-entropy + backward + Adam update on a random batch (every sentence
 `--seq-len` real tokens), hybridized with static_alloc. Tokens/s counts source + target tokens. Candidates
@@ -38,7 +39,7 @@ if __name__ == "__main__":  # the trainer's process set-up (tcmalloc, threads) b
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from dist_nmt import allocator, distributed
+from dist_nmt import allocator, distributed, ops
 from dist_nmt.config import Config, load_config
 from dist_nmt.data import ArrayBatch, random_batch
 from dist_nmt.step import train_step
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     times, cpu_times = time_alternating(steps, args.steps, args.warmup)
     sec, sec_median = min(times["ours"]), statistics.median(times["ours"])
     result = {"preset": args.preset, "arch": model_cfg.arch, "overrides": args.overrides,
+              "fused_ops": ops.resolve(cfg.model.fused_ops),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "allocator": allocator.status(),
               "batch_sentences": args.batch_sentences, "seq_len": args.seq_len, "vocab": args.vocab,
               "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1), "timed_steps": args.steps,

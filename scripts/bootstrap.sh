@@ -49,4 +49,11 @@ if ! [ -x "$VENV/bin/horovodrun" ] || ! horovod_ok; then
     "$VPY" -m pip install -q --no-build-isolation --no-cache-dir "horovod==0.28.1" -c constraints.txt
   horovod_ok || { log "horovodrun --check-build does not list MXNet, Gloo and MPI:"; "$VENV/bin/horovodrun" --check-build; exit 1; }
 fi
+# 5. Fused CPU operator library (dist_nmt/ops/fused_ops.cc -> dist_nmt/ops/libdist_nmt_ops.so), rebuilt when the
+# source, flags or MXNet's lib_api change. Without g++ training still runs on the pure-MXNet path (model.fused_ops=auto).
+if command -v "${CXX:-g++}" >/dev/null 2>&1; then
+  "$VPY" -m dist_nmt.ops build || log "WARNING: building the fused ops failed; model.fused_ops=auto falls back to pure MXNet"
+else
+  log "WARNING: no g++ on PATH: fused CPU ops not built (apt-get install g++); model.fused_ops=auto uses pure MXNet"
+fi
 log "ready: $("$VPY" -c 'import mxnet, horovod, gluonnlp; print("mxnet", mxnet.__version__, "horovod", horovod.__version__, "gluonnlp", gluonnlp.__version__)')"

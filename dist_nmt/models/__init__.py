@@ -39,10 +39,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def build_model(arch: str, hparams: Any, vocab_size: int) -> Any:
-    """Construct model `arch` (a HybridBlock) with its hyper-parameters (TransformerHParams, GNMTHParams, ...)."""
+# Models that can run on the fused CPU ops of dist_nmt.ops (constructor argument `fused_ops`).
+FUSED_OPS_MODELS = ("transformer",)
+
+
+def build_model(arch: str, hparams: Any, vocab_size: int, fused_ops: bool = False) -> Any:
+    """Construct model `arch` (a HybridBlock) with its hyper-parameters (TransformerHParams, GNMTHParams, ...).
+
+    `fused_ops=True` (only after `dist_nmt.ops.load()` succeeded) selects the fused CPU ops where the model has
+    them; other models ignore it.
+    """
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown model '{arch}'; choose one of: {', '.join(MODEL_NAMES)}")
+    if arch in FUSED_OPS_MODELS:
+        return _models()[arch](hparams, vocab_size, fused_ops=fused_ops)
     return _models()[arch](hparams, vocab_size)
 
 

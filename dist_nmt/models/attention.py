@@ -20,6 +20,8 @@ import math
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
+from dist_nmt.models import fused as fused_ops
+
 
 def split_heads(F, x, num_heads: int, num_parts: int, d_k: int):
     """(B, T, num_parts*D) -> num_parts arrays of (B*H, T, d_k).
@@ -49,12 +51,15 @@ def head_lengths(F, lengths, num_heads: int):
     return F.cast(lengths, dtype="int32")
 
 
-def attend(F, q, k, v, lengths, dropout: float, d_k: int):
+def attend(F, q, k, v, lengths, dropout: float, d_k: int, fused: bool = False):
     """Scaled dot-product attention over whole sequences.
 
     q (B*H, T, d_k), k and v (B*H, S, d_k), lengths (B*H, T) int32 -> context (B*H, T, d_k).
     The 1/√d_k scale is folded into the softmax temperature (no extra pass over the scores).
+    `fused`: one custom op per call (dist_nmt.models.fused.attention) instead of batch_dot + softmax + Dropout.
     """
+    if fused:
+        return fused_ops.attention(F, q, k, v, lengths, dropout, d_k)
     scores = F.batch_dot(q, k, transpose_b=True)  # (B*H, T, S)
     probs = F.softmax(scores, length=lengths, use_length=True, axis=-1, temperature=math.sqrt(d_k))
     if dropout:
@@ -89,10 +94,11 @@ class SelfAttention(HybridBlock):
     Glorot init on the fused (3D, D) weight gives each part the 1/√2 gain fairseq applies to Q, K and V.
     """
 
-    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None):
+    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None,
+                 fused: bool = False):
         super().__init__(prefix=prefix)
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
-        self.attention_dropout = attention_dropout
+        self.attention_dropout, self.fused = attention_dropout, fused
         with self.name_scope():
             self.qkv = dense(3 * d_model, d_model, "qkv_")
             self.out = dense(d_model, d_model, "out_")
@@ -100,7 +106,7 @@ class SelfAttention(HybridBlock):
     def hybrid_forward(self, F, x, lengths):
         """x (B, T, D), lengths (B*H, T) int32 -> (B, T, D)."""
         q, k, v = split_heads(F, self.qkv(x), self.num_heads, 3, self.d_k)  # 3 x (B*H, T, d_k)
-        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k)
+        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k, self.fused)
         return self.out(merge_heads(F, ctx, self.num_heads))
 
     def step(self, F, x, k_cache, v_cache, lengths):
@@ -121,10 +127,11 @@ class SelfAttention(HybridBlock):
 class CrossAttention(HybridBlock):
     """Multi-head encoder-decoder attention; keys and values come from one fused K/V projection."""
 
-    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None):
+    def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None,
+                 fused: bool = False):
         super().__init__(prefix=prefix)
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
-        self.attention_dropout = attention_dropout
+        self.attention_dropout, self.fused = attention_dropout, fused
         with self.name_scope():
             self.q = dense(d_model, d_model, "q_")
             self.kv = dense(2 * d_model, d_model, "kv_")
@@ -134,7 +141,7 @@ class CrossAttention(HybridBlock):
         """x (B, T, D), mem (B, S, D), lengths (B*H, T) int32 -> (B, T, D)."""
         (q,) = split_heads(F, self.q(x), self.num_heads, 1, self.d_k)  # (B*H, T, d_k)
         k, v = split_heads(F, self.kv(mem), self.num_heads, 2, self.d_k)  # 2 x (B*H, S, d_k)
-        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k)
+        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k, self.fused)
         return self.out(merge_heads(F, ctx, self.num_heads))
 
     def project_memory(self, F, mem):

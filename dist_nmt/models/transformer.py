@@ -15,6 +15,10 @@ Post-norm (default, the paper's layout) or pre-norm (`pre_norm`, with a final La
 Positions are sinusoidal and computed on the fly, so no length table is stored (`max_positions` bounds
 nothing here). Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection
 reuses it when `tie_embeddings` (no output bias either way).
+
+`fused_ops=True` (the library loaded by `dist_nmt.ops`) runs residual-add + dropout + LayerNorm and the attention
+core as fused CPU ops during training and teacher-forced forward; parameters and their names are the same either
+way, so checkpoints move freely between the two paths. Incremental decoding always uses built-in ops.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import mxnet as mx
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
+from dist_nmt.models import fused as fused_ops
 from dist_nmt.models.attention import CrossAttention, SelfAttention, dense, head_lengths
 from dist_nmt.models.hparams import TransformerHParams
 
@@ -37,11 +42,18 @@ def positional_encoding(F, positions, d_model: int):
     return F.concat(F.sin(angles), F.cos(angles), dim=1)  # (P, D)
 
 
-def residual(F, x, norm, fn, pre_norm: bool, dropout: float):
+def residual(F, x, norm, fn, pre_norm: bool, dropout: float, fused: bool = False):
     """x + dropout(fn(x)) with LayerNorm after (post-norm) or on fn's input (pre-norm).
 
-    `fn` returns a tuple (out, *extras); returns (new x, extras).
+    `fn` returns a tuple (out, *extras); returns (new x, extras). `fused` (norm is a LayerNorm block): the add,
+    dropout and normalisation run as one op (post-norm) or add + dropout as one op (pre-norm).
     """
+    if fused:
+        if pre_norm:
+            out = fn(norm.fused(F, x))
+            return fused_ops.add_dropout(F, x, out[0], dropout), out[1:]
+        out = fn(x)
+        return norm.fused(F, x, out[0], dropout), out[1:]
     out = fn(norm(x) if pre_norm else x)
     h = F.Dropout(out[0], p=dropout) if dropout else out[0]
     x = x + h
@@ -81,14 +93,36 @@ class LayerNorm(HybridBlock):
         self.gamma = self.params.get("gamma", shape=(units,), init="ones")
         self.beta = self.params.get("beta", shape=(units,), init="zeros")
 
+    def _gamma_beta(self, F, x):
+        """The parameters as graph values, so another block's graph can use them (symbols or arrays)."""
+        if F is mx.sym:
+            return self.gamma.var(), self.beta.var()
+        return self.gamma.data(x.context), self.beta.data(x.context)
+
     def inference(self, F, x):
         """Same function through MXNet's fused LayerNorm: fewer ops for the small per-step decoder inputs, where
         no backward is needed. Usable inside another block's graph (reads the parameters as symbols there)."""
-        if F is mx.sym:
-            gamma, beta = self.gamma.var(), self.beta.var()
-        else:
-            gamma, beta = self.gamma.data(x.context), self.beta.data(x.context)
+        gamma, beta = self._gamma_beta(F, x)
         return F.LayerNorm(x, gamma, beta, axis=-1, eps=self.epsilon)
+
+    def fused(self, F, x, h=None, dropout: float = 0.0):
+        """LN(x + dropout(h)) (or LN(x) without h) with the fused CPU ops; usable inside another block's graph.
+
+        The custom op returns the normalised rows; gamma and beta are applied here by built-in GEMMs because a
+        custom op's backward overwrites gradients, and parameters accumulate them (grad_req='add').
+        """
+        if h is None:
+            xhat, rstd = fused_ops.norm(F, x, self.epsilon)  # (..., D), (..., 1)
+        else:
+            xhat, rstd = fused_ops.add_dropout_norm(F, x, h, dropout, self.epsilon)
+        gamma, beta = self._gamma_beta(F, x)
+        ones = F.ones_like(rstd)  # (..., 1)
+        # 1 ⊗ gamma and 1 ⊗ beta as outer products: their backward sums over rows inside the GEMM.
+        scale = F.FullyConnected(ones, F.reshape(gamma, shape=(-1, 1)), no_bias=True, num_hidden=self.units,
+                                 flatten=False)
+        shift = F.FullyConnected(ones, F.reshape(beta, shape=(-1, 1)), no_bias=True, num_hidden=self.units,
+                                 flatten=False)
+        return xhat * scale + shift
 
     def hybrid_forward(self, F, x, gamma, beta):
         """x (..., D) -> (..., D)."""
@@ -109,39 +143,43 @@ class LayerNorm(HybridBlock):
 class EncoderLayer(HybridBlock):
     """Self-attention then feed-forward, each wrapped by `residual`."""
 
-    def __init__(self, hp: TransformerHParams, prefix: str | None = None):
+    def __init__(self, hp: TransformerHParams, prefix: str | None = None, fused: bool = False):
         super().__init__(prefix=prefix)
-        self.pre_norm, self.dropout = hp.pre_norm, hp.dropout
+        self.pre_norm, self.dropout, self.fused = hp.pre_norm, hp.dropout, fused
         with self.name_scope():
-            self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_")
+            self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_",
+                                           fused=fused)
             self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
             self.norm1, self.norm2 = (LayerNorm(hp.d_model, prefix=f"norm{i}_") for i in (1, 2))
 
     def hybrid_forward(self, F, x, lengths):
         """x (B, S, D), lengths (B*H, S) int32 -> (B, S, D)."""
-        x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, lengths),), self.pre_norm, self.dropout)
-        x, _ = residual(F, x, self.norm2, lambda h: (self.ffn(h),), self.pre_norm, self.dropout)
+        pre, drop, fused = self.pre_norm, self.dropout, self.fused
+        x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, lengths),), pre, drop, fused)
+        x, _ = residual(F, x, self.norm2, lambda h: (self.ffn(h),), pre, drop, fused)
         return x
 
 
 class DecoderLayer(HybridBlock):
     """Causal self-attention, cross-attention, feed-forward; `step` is the same layer for one position."""
 
-    def __init__(self, hp: TransformerHParams, prefix: str | None = None):
+    def __init__(self, hp: TransformerHParams, prefix: str | None = None, fused: bool = False):
         super().__init__(prefix=prefix)
-        self.pre_norm, self.dropout = hp.pre_norm, hp.dropout
+        self.pre_norm, self.dropout, self.fused = hp.pre_norm, hp.dropout, fused
         with self.name_scope():
-            self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_")
-            self.cross_attn = CrossAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="crossatt_")
+            self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_",
+                                           fused=fused)
+            self.cross_attn = CrossAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="crossatt_",
+                                             fused=fused)
             self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
             self.norm1, self.norm2, self.norm3 = (LayerNorm(hp.d_model, prefix=f"norm{i}_") for i in (1, 2, 3))
 
     def hybrid_forward(self, F, x, self_lengths, mem, mem_lengths):
         """x (B, T, D), self_lengths (B*H, T), mem (B, S, D), mem_lengths (B*H, T) -> (B, T, D)."""
-        pre, drop = self.pre_norm, self.dropout
-        x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, self_lengths),), pre, drop)
-        x, _ = residual(F, x, self.norm2, lambda h: (self.cross_attn(h, mem, mem_lengths),), pre, drop)
-        x, _ = residual(F, x, self.norm3, lambda h: (self.ffn(h),), pre, drop)
+        pre, drop, fused = self.pre_norm, self.dropout, self.fused
+        x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, self_lengths),), pre, drop, fused)
+        x, _ = residual(F, x, self.norm2, lambda h: (self.cross_attn(h, mem, mem_lengths),), pre, drop, fused)
+        x, _ = residual(F, x, self.norm3, lambda h: (self.ffn(h),), pre, drop, fused)
         return x
 
     def step(self, F, x, k_cache, v_cache, self_lengths, mem_k, mem_v, mem_lengths):
@@ -172,17 +210,24 @@ def lengths_like(F, lengths, x):
     return F.broadcast_like(F.reshape(lengths, shape=(-1, 1)), x, lhs_axes=(1,), rhs_axes=(1,))
 
 
+def final_norm(F, norm: LayerNorm | None, x, fused: bool):
+    """The pre-norm stacks' last LayerNorm (identity for post-norm, where `norm` is None)."""
+    if norm is None:
+        return x
+    return norm.fused(F, x) if fused else norm(x)
+
+
 class TransformerEncoder(HybridBlock):
     """Embedding + N encoder layers (+ final LayerNorm when pre-norm)."""
 
-    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, prefix: str | None = None):
+    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, prefix: str | None = None, fused: bool = False):
         super().__init__(prefix=prefix)
-        self.hp = hp
+        self.hp, self.fused = hp, fused
         with self.name_scope():
             self.embed = embed
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_enc_layers):
-                self.layers.add(EncoderLayer(hp, prefix=f"layer{i}_"))
+                self.layers.add(EncoderLayer(hp, prefix=f"layer{i}_", fused=fused))
             self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, src, src_valid_len):
@@ -192,20 +237,21 @@ class TransformerEncoder(HybridBlock):
         lengths = head_lengths(F, lengths_like(F, src_valid_len, x), hp.num_heads)  # (B*H, S)
         for layer in self.layers:
             x = layer(x, lengths)
-        return self.final_norm(x) if self.final_norm is not None else x
+        return final_norm(F, self.final_norm, x, self.fused)
 
 
 class TransformerDecoder(HybridBlock):
     """Embedding + N decoder layers (+ final LayerNorm when pre-norm) + output projection, teacher forced."""
 
-    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None):
+    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None,
+                 fused: bool = False):
         super().__init__(prefix=prefix)
-        self.hp = hp
+        self.hp, self.fused = hp, fused
         with self.name_scope():
             self.embed, self.proj = embed, proj
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_dec_layers):
-                self.layers.add(DecoderLayer(hp, prefix=f"layer{i}_"))
+                self.layers.add(DecoderLayer(hp, prefix=f"layer{i}_", fused=fused))
             self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, tgt_in, tgt_valid_len, mem, src_valid_len):
@@ -219,7 +265,7 @@ class TransformerDecoder(HybridBlock):
         mem_lengths = head_lengths(F, lengths_like(F, src_valid_len, x), hp.num_heads)  # (B*H, T)
         for layer in self.layers:
             x = layer(x, self_lengths, mem, mem_lengths)
-        x = self.final_norm(x) if self.final_norm is not None else x
+        x = final_norm(F, self.final_norm, x, self.fused)
         # Zero padded positions so their logits are exactly 0 (finite, uniform) whatever the inputs there.
         x = F.SequenceMask(x, sequence_length=tgt_valid_len, use_sequence_length=True, axis=1)
         return self.proj(x)  # (B, T, V)
@@ -260,7 +306,9 @@ class DecoderStep(HybridBlock):
 class TransformerModel(HybridBlock):
     """The dist_nmt model contract (see `dist_nmt.models`): forward, encode, init_decode_states, decode_step."""
 
-    def __init__(self, hparams: TransformerHParams, vocab_size: int, prefix: str = "transformer_"):
+    def __init__(self, hparams: TransformerHParams, vocab_size: int, prefix: str = "transformer_",
+                 fused_ops: bool = False):
+        """`fused_ops`: use the fused CPU ops (needs `dist_nmt.ops.load()` to have succeeded first)."""
         super().__init__(prefix=prefix)
         hp = self.hp = hparams
         if hp.d_model % hp.num_heads or hp.d_model % 2:
@@ -273,8 +321,8 @@ class TransformerModel(HybridBlock):
                                      params=self.embed.params)
             else:
                 self.proj = dense(vocab_size, hp.d_model, "proj_", use_bias=False)
-            self.encoder = TransformerEncoder(hp, self.embed, prefix="enc_")
-            self.decoder = TransformerDecoder(hp, self.embed, self.proj, prefix="dec_")
+            self.encoder = TransformerEncoder(hp, self.embed, prefix="enc_", fused=fused_ops)
+            self.decoder = TransformerDecoder(hp, self.embed, self.proj, prefix="dec_", fused=fused_ops)
             self.step_block = DecoderStep(self.decoder, prefix="step_")
 
     def hybrid_forward(self, F, src, src_valid_len, tgt_in, tgt_valid_len):

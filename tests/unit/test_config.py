@@ -87,3 +87,8 @@ def test_shape_diff_names_model_keys_only():
     a = flatten(load_config("configs/tiny.yaml"))
     b = flatten(load_config("configs/tiny.yaml", ["model.transformer.d_model=32", "train.max_updates=99"]))
     assert shape_diff(a, b) == ["model.transformer.d_model"]
+
+
+@pytest.mark.parametrize("raw,expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on")])
+def test_fused_ops_accepts_bare_on_off(raw, expected):
+    assert load_config(None, [f"model.fused_ops={raw}", "train.max_updates=1"]).model.fused_ops == expected

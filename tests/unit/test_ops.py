@@ -1,0 +1,274 @@
+"""Fused CPU ops (dist_nmt/ops): values and gradients equal the pure-MXNet path, masks are a pure function of the
+seed, and a Transformer trains and decodes the same with model.fused_ops on and off."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon
+from mxnet.gluon import nn
+
+from dist_nmt import ops
+from dist_nmt.loss import label_smoothed_nll
+from dist_nmt.models import TransformerHParams, build_model
+from dist_nmt.models import fused as fused_ops
+from dist_nmt.models.attention import attend
+
+VOCAB = 50
+TINY = TransformerHParams(num_enc_layers=2, num_dec_layers=2, d_model=32, d_ff=64, num_heads=4, dropout=0.0,
+                          attention_dropout=0.0, activation_dropout=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    """Build (if needed) and load the library; skip the module only when it cannot be built here."""
+    try:
+        ops.build()
+    except RuntimeError as err:
+        pytest.skip(f"fused ops library cannot be built: {err}")
+    assert ops.load(), ops.unavailable_reason()
+
+
+def run(fn, inputs, head_grad, hybridize=True, consts=()):
+    """fn(F, *inputs, *consts) through a (hybridized) block: output and each input's gradient as numpy."""
+    block = nn.HybridLambda(fn)
+    if hybridize:
+        block.hybridize(static_alloc=True)
+    arrays = [x.copy() for x in inputs]
+    for x in arrays:
+        x.attach_grad()
+    with autograd.record():
+        out = block(*arrays, *consts)
+    out.backward(head_grad)
+    return out.asnumpy(), [x.grad.asnumpy() for x in arrays]
+
+
+def assert_same(got, expected, atol=2e-5):
+    np.testing.assert_allclose(got[0], expected[0], atol=atol, rtol=1e-4)
+    for g, e in zip(got[1], expected[1], strict=True):
+        np.testing.assert_allclose(g, e, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (7, 33), (1, 2, 3, 8)])
+def test_add_dropout_norm_equals_layer_norm_of_sum(shape):
+    rng = np.random.RandomState(sum(shape))
+    x, h, g = (mx.nd.array(rng.randn(*shape) * 3 + 1) for _ in range(3))
+    d = shape[-1]
+
+    def ref(F, x, h):
+        return F.LayerNorm(x + h, F.ones(shape=(d,)), F.zeros(shape=(d,)), axis=-1, eps=1e-5)
+
+    expected = run(ref, [x, h], g, hybridize=False)
+    assert_same(run(lambda F, x, h: fused_ops.add_dropout_norm(F, x, h, 0.0, 1e-5)[0], [x, h], g), expected)
+    assert_same(run(lambda F, x, h: fused_ops.norm(F, x + h, 1e-5)[0], [x, h], g), expected)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_layer_norm_block_fused_equals_unfused_with_gamma_and_beta(pre_norm):
+    from dist_nmt.models.transformer import LayerNorm
+
+    norm = LayerNorm(16, prefix="n_")
+    norm.initialize()
+    norm.gamma.set_data(mx.nd.random.uniform(0.5, 1.5, shape=(16,)))
+    norm.beta.set_data(mx.nd.random.normal(shape=(16,)))
+    x, h, g = (mx.nd.random.normal(shape=(4, 3, 16)) for _ in range(3))
+    grads = []
+    for fused in (False, True):
+        for p in norm.collect_params().values():
+            p.grad_req = "add"  # as in training: a custom op must not be the one writing these
+            p.zero_grad()
+        with autograd.record():
+            if pre_norm:
+                y = norm.fused(mx.nd, x) if fused else norm(x)
+            else:
+                y = norm.fused(mx.nd, x, h, 0.0) if fused else norm(x + h)
+        y.backward(g)
+        grads.append([y.asnumpy(), norm.gamma.grad().asnumpy(), norm.beta.grad().asnumpy()])
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dims", [(6, 4, 7, 8), (8, 9, 9, 16), (2, 1, 5, 4)])
+def test_attention_equals_batch_dot_softmax(dims, causal):
+    bh, t, s, d_k = dims
+    rng = np.random.RandomState(bh + t)
+    q, g = mx.nd.array(rng.randn(bh, t, d_k)), mx.nd.array(rng.randn(bh, t, d_k))
+    k, v = mx.nd.array(rng.randn(bh, s, d_k)), mx.nd.array(rng.randn(bh, s, d_k))
+    if causal:
+        lengths = np.tile(np.arange(1, t + 1), (bh, 1))
+    else:
+        lengths = np.repeat(rng.randint(1, s + 1, size=(bh, 1)), t, axis=1)
+        lengths[0] = s  # one full row
+    lengths = mx.nd.array(lengths).astype("int32")
+
+    def ref(F, q, k, v, lengths):
+        return attend(F, q, k, v, lengths, 0.0, d_k)
+
+    def fused(F, q, k, v, lengths):
+        return attend(F, q, k, v, lengths, 0.0, d_k, fused=True)
+
+    expected = run(ref, [q, k, v], g, hybridize=False, consts=[lengths])
+    assert_same(run(fused, [q, k, v], g, consts=[lengths]), expected)
+
+
+def add_dropout_run(seed: int, p: float = 0.3, train: bool = True):
+    mx.random.seed(seed)
+    x, h = mx.nd.ones((64, 128)), mx.nd.full((64, 128), 2.0)
+    x.attach_grad()
+    h.attach_grad()
+    with autograd.record(train_mode=train):
+        s = fused_ops.add_dropout(mx.nd, x, h, p)
+    s.backward(mx.nd.ones_like(s))
+    return s.asnumpy(), h.grad.asnumpy()
+
+
+def test_dropout_mask_is_a_function_of_the_seed_and_regenerated_in_backward():
+    s1, dh1 = add_dropout_run(seed=3)
+    s2, dh2 = add_dropout_run(seed=3)
+    s3, _ = add_dropout_run(seed=4)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(dh1, dh2)
+    assert (s1 != s3).mean() > 0.2  # another seed, another mask
+    kept = (s1 - 1.0) / 2.0  # dropout(h)/h: 0 or 1/(1-p)
+    assert np.all(np.isclose(kept, 0.0) | np.isclose(kept, 1 / 0.7, rtol=1e-6))
+    assert abs((kept == 0).mean() - 0.3) < 0.02
+    np.testing.assert_allclose(dh1, kept, rtol=1e-6)  # backward regenerated the forward's mask
+
+
+def test_no_dropout_at_inference():
+    s, dh = add_dropout_run(seed=3, train=False)
+    np.testing.assert_array_equal(s, 3.0)
+    np.testing.assert_array_equal(dh, 1.0)
+
+
+def test_attention_dropout_mask_matches_between_forward_and_backward():
+    bh, t, s, d_k = 4, 5, 6, 8
+    q, k = mx.nd.zeros((bh, t, d_k)), mx.nd.zeros((bh, s, d_k))  # uniform probabilities 1/s
+    v = mx.nd.array(np.tile(np.eye(s, d_k), (bh, 1, 1)))  # context[:, :, j] = dropout(p)[:, :, j]
+    lengths = mx.nd.full((bh, t), s).astype("int32")
+    v.attach_grad()
+    mx.random.seed(5)
+    with autograd.record():
+        ctx = fused_ops.attention(mx.nd, q, k, v, lengths, 0.5, d_k)
+    ctx.backward(mx.nd.ones_like(ctx))
+    dropped = ctx.asnumpy()[:, :, :s]  # (BH, T, S): 0 or 2/s
+    assert np.all(np.isclose(dropped * s, 0.0) | np.isclose(dropped * s, 2.0, rtol=1e-5))
+    assert 0.3 < (dropped == 0).mean() < 0.7
+    # dv[s, j] = sum_t dropout(p)[t, s] for j == s under the identity layout
+    np.testing.assert_allclose(np.diagonal(v.grad.asnumpy()[:, :s, :s], axis1=1, axis2=2), dropped.sum(axis=1),
+                               rtol=1e-5)
+
+
+def tiny_batch(seed: int = 0):
+    rng = np.random.RandomState(seed)
+    src = mx.nd.array(rng.randint(4, VOCAB, size=(3, 7)))
+    tgt = mx.nd.array(rng.randint(4, VOCAB, size=(3, 7)))
+    return src, mx.nd.array([7, 4, 2]), tgt[:, :-1], tgt[:, 1:], mx.nd.array([6, 3, 5])
+
+
+def make_model(hp, fused: bool, seed: int = 0):
+    mx.random.seed(seed)
+    model = build_model("transformer", hp, VOCAB, fused_ops=fused)
+    model.initialize(mx.init.Xavier(magnitude=3))
+    model.collect_params().setattr("grad_req", "add")
+    model.hybridize(static_alloc=True)
+    return model
+
+
+def loss_curve(hp, fused: bool, num_updates: int = 20, seed: int = 0) -> list[float]:
+    model = make_model(hp, fused, seed)
+    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": 3e-3})
+    src, src_len, tgt_in, tgt_out, tgt_len = tiny_batch()
+    losses = []
+    for _ in range(num_updates):
+        with autograd.record():
+            loss, _ = label_smoothed_nll(model(src, src_len, tgt_in, tgt_len), tgt_out, tgt_len, 0.1)
+        loss.backward()
+        trainer.step(float(tgt_len.sum().asscalar()))
+        model.collect_params().zero_grad()
+        losses.append(float(loss.asscalar()))
+    return losses
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_fused_on_and_off_train_the_same_loss_curve(pre_norm):
+    hp = replace(TINY, pre_norm=pre_norm)
+    off, on = loss_curve(hp, fused=False), loss_curve(hp, fused=True)
+    assert on[-1] < 0.7 * on[0]  # it learns the batch
+    np.testing.assert_allclose(on, off, rtol=2e-4)
+
+
+def test_fused_dropout_training_is_deterministic_for_a_seed():
+    hp = replace(TINY, dropout=0.2, attention_dropout=0.1)
+    first, again = loss_curve(hp, fused=True, num_updates=5), loss_curve(hp, fused=True, num_updates=5)
+    assert first == again  # masks are a pure function of the mx.random seed
+    assert loss_curve(hp, fused=True, num_updates=5, seed=1) != first
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_fused_model_forward_equals_unfused_and_incremental_decoding(pre_norm):
+    hp = replace(TINY, pre_norm=pre_norm, dropout=0.1, attention_dropout=0.1)
+    fused, plain = make_model(hp, True), make_model(hp, False)
+    names = list(plain.collect_params().keys())
+    assert list(fused.collect_params().keys()) == names  # checkpoints stay compatible
+    src, src_len, tgt_in, _, _ = tiny_batch()
+    full_len = mx.nd.full((3,), tgt_in.shape[1])
+    logits = fused(src, src_len, tgt_in, full_len)  # inference: no dropout on either path
+    np.testing.assert_allclose(logits.asnumpy(), plain(src, src_len, tgt_in, full_len).asnumpy(), atol=2e-5)
+    states = fused.init_decode_states(fused.encode(src, src_len), max_len=tgt_in.shape[1])
+    steps = []
+    for t in range(tgt_in.shape[1]):
+        log_probs, states, _ = fused.decode_step(tgt_in[:, t], states)
+        steps.append(log_probs)
+    np.testing.assert_allclose(mx.nd.stack(*steps, axis=1).asnumpy(),
+                               mx.nd.log_softmax(logits, axis=-1).asnumpy(), atol=2e-5)
+
+
+def test_resolve_modes():
+    assert ops.resolve("off") is False
+    assert ops.resolve("auto") is True and ops.resolve("on") is True
+    assert ops.resolve("auto", on_gpu=True) is False
+    with pytest.raises(RuntimeError, match="CPU-only"):
+        ops.resolve("on", on_gpu=True)
+    with pytest.raises(ValueError, match="choose one of: auto, on, off"):
+        ops.resolve("fast")
+    assert ops.is_current()
+
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_fused_loss_equals_label_smoothed_nll(epsilon):
+    from dist_nmt.loss import fused_label_smoothed_nll
+
+    rng = np.random.RandomState(7)
+    logits = mx.nd.array(rng.randn(3, 6, 301) * 4)
+    tgt_out = mx.nd.array(rng.randint(0, 301, size=(3, 6)))
+    tgt_len = mx.nd.array([6, 2, 4])
+    results = []
+    for loss_fn in (label_smoothed_nll, fused_label_smoothed_nll):
+        x = logits.copy()
+        x.attach_grad()
+        with autograd.record():
+            loss, nll = loss_fn(x, tgt_out, tgt_len, epsilon)
+            total = loss + 0.5 * nll  # both outputs carry gradient
+        total.backward()
+        results.append((loss.asscalar(), nll.asscalar(), x.grad.asnumpy()))
+    (loss, nll, grad), (loss_ref, nll_ref, grad_ref) = results[1], results[0]
+    np.testing.assert_allclose([loss, nll], [loss_ref, nll_ref], rtol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-6, rtol=1e-4)
+    assert np.all(grad[1, 2:] == 0)  # padded positions get no gradient
+
+
+def test_library_loads_after_horovod_was_imported():
+    """Horovod's MXNet extension carries its own lib_api symbols; the library must not bind to them."""
+    code = "import horovod.mxnet\nfrom dist_nmt import ops\nassert ops.load(), ops.unavailable_reason()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr[-2000:]
