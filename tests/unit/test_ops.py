@@ -15,6 +15,7 @@ from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 from dist_nmt import ops
+from dist_nmt.errors import ConfigError
 from dist_nmt.loss import label_smoothed_nll
 from dist_nmt.models import TransformerHParams, build_model
 from dist_nmt.models import fused as fused_ops
@@ -235,7 +236,7 @@ def test_resolve_modes():
     assert ops.resolve("off") is False
     assert ops.resolve("auto") is True and ops.resolve("on") is True
     assert ops.resolve("auto", on_gpu=True) is False
-    with pytest.raises(RuntimeError, match="CPU-only"):
+    with pytest.raises(ConfigError, match="CPU-only"):
         ops.resolve("on", on_gpu=True)
     with pytest.raises(ValueError, match="choose one of: auto, on, off"):
         ops.resolve("fast")
