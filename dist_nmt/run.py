@@ -17,11 +17,13 @@ from dist_nmt.checkpoint import Checkpointer, load_arrays, load_optimizer_state
 from dist_nmt.config import Config, config_hash, flatten, save_config, shape_diff
 from dist_nmt.data import (
     Batch,
+    BatchPlan,
     BatchStream,
     DataError,
     EncodedSplit,
     Vocab,
     collate,
+    padding_efficiency,
     read_lines,
     split_paths,
     vocab_path,
@@ -46,7 +48,7 @@ class RunData:
     train: EncodedSplit
     dev: EncodedSplit
     streams: list[BatchStream]
-    dev_batches: list[Batch]
+    dev_batches: list[BatchPlan]
     dev_sources: list[str]
     dev_references: list[str]
     data_shards: int
@@ -76,13 +78,13 @@ class RunData:
         """Global steps per epoch (equal on every rank by construction)."""
         return self.streams[0].batches_per_epoch
 
-    def batches_at(self, epoch: int, index: int) -> list[Batch]:
+    def batches_at(self, epoch: int, index: int) -> list[BatchPlan]:
         """This rank's batches (one per local data shard, all of one bucket) at data position (epoch, index)."""
         return [stream.epoch_batches(epoch)[index] for stream in self.streams]
 
-    def collate_train(self, batch: Batch) -> dict:
+    def collate_train(self, plan: BatchPlan) -> Batch:
         """numpy arrays for one training batch."""
-        return collate(self.train, batch)
+        return collate(self.train, plan)
 
 
 def restore(cfg: Config, model, trainer, scaler, checkpointer: Checkpointer, world: distributed.World, ctx,
@@ -136,19 +138,22 @@ def start_run_dir(cfg: Config, world: distributed.World) -> None:
 def log_update(progress, window: dict, lr: float, scaler, writer, world: distributed.World, start: float) -> None:
     """One log line + metrics record over the updates since the last one; resets `window`."""
     loss_sum, nll_sum = distributed.allreduce_sum([window["loss"], window["nll"]], name=f"log.{progress.update}")
-    slots = distributed.allreduce_sum([window["slots"]], name=f"slots.{progress.update}")[0]
+    src_slots, tgt_slots = distributed.allreduce_sum([window["src_slots"], window["tgt_slots"]],
+                                                     name=f"slots.{progress.update}")
+    pad = padding_efficiency(window["src"], window["tgt"], src_slots, tgt_slots)
     seconds = max(time.time() - window["start"], 1e-9)
     tgt = max(window["tgt"], 1.0)
     values = {"loss": loss_sum / tgt, "ppl": float(np.exp(min(nll_sum / tgt, 50.0))), "lr": lr,
               "tokens_per_s": (window["tgt"] + window["src"]) / seconds,
-              "padding_efficiency": (window["src"] + window["tgt"]) / max(2 * slots, 1.0),
+              "padding_efficiency": pad.combined, "padding_efficiency_src": pad.src,
+              "padding_efficiency_tgt": pad.tgt,
               "epoch": progress.epoch, "skipped": progress.num_skipped_updates, "loss_scale": scaler.scale,
               "elapsed_min": (time.time() - start) / 60}
-    log.info("update %d | epoch %d | loss %.3f | ppl %.2f | lr %.2e | %.0f tok/s | pad eff %.2f | %.1f min",
-             progress.update, progress.epoch + 1, values["loss"], values["ppl"], lr, values["tokens_per_s"],
-             values["padding_efficiency"], values["elapsed_min"])
+    log.info("update %d | epoch %d | loss %.3f | ppl %.2f | lr %.2e | %.0f tok/s | pad eff src %.2f tgt %.2f | "
+             "%.1f min", progress.update, progress.epoch + 1, values["loss"], values["ppl"], lr,
+             values["tokens_per_s"], pad.src, pad.tgt, values["elapsed_min"])
     writer.write("train", progress.update, values)
-    window.update(loss=0.0, nll=0.0, tgt=0.0, src=0.0, slots=0.0, start=time.time())
+    window.update(loss=0.0, nll=0.0, tgt=0.0, src=0.0, src_slots=0.0, tgt_slots=0.0, start=time.time())
 
 
 def validate(cfg: Config, model, data: RunData, progress, writer, world: distributed.World, ctx) -> bool:

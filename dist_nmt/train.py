@@ -47,7 +47,7 @@ class StopSignal:
         self.received = signum
 
 
-def train_step(model, trainer, batches: list[dict], ctx, scale: float, clip_norm: float, label_smoothing: float,
+def train_step(model, trainer, batches: list, ctx, scale: float, clip_norm: float, label_smoothing: float,
                num_tgt_global: float, world_size: int) -> StepStats:
     """Forward/backward every micro-batch, all-reduce, clip on the true gradient norm, update (or skip).
 
@@ -62,8 +62,8 @@ def train_step(model, trainer, batches: list[dict], ctx, scale: float, clip_norm
     from dist_nmt.validate import to_nd
 
     loss_sum = nll_sum = 0.0
-    for arrays in batches:
-        nd = to_nd(arrays, ctx)
+    for batch in batches:
+        nd = to_nd(batch, ctx)
         with mx.autograd.record():
             logits = model(nd["src"], nd["src_valid_len"], nd["tgt_in"], nd["tgt_valid_len"])
             loss, nll = label_smoothed_nll(logits, nd["tgt_out"], nd["tgt_valid_len"], label_smoothing)
@@ -110,10 +110,6 @@ def _make_optimizer(cfg, model):
         "multi_precision": cfg.precision.dtype == "fp16"})  # fp32 master weights under AMP
 
 
-def _next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, int]:
-    return (epoch + 1, 0) if index + 1 >= batches_per_epoch else (epoch, index + 1)
-
-
 def _nan_injection(spec: str, world_size: int) -> set[tuple[int, int]]:
     """Fault injection for tests: "5,7@1" makes update 5 (all ranks) and update 7 (rank 1) produce NaN gradients."""
     out: set[tuple[int, int]] = set()
@@ -138,6 +134,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
     from tqdm import tqdm
 
     from dist_nmt.checkpoint import Checkpointer
+    from dist_nmt.data import next_position
     from dist_nmt.metrics import MetricsWriter, setup_logging
     from dist_nmt.precision import LossScaler, check_precision
     from dist_nmt.run import (
@@ -176,19 +173,20 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
     log.info("threads: OMP_NUM_THREADS=%s; allocator: %s", os.environ.get("OMP_NUM_THREADS"), allocator.status())
     bar = tqdm(total=t.max_updates or None, initial=progress.update, unit="upd", dynamic_ncols=True,
                disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
-    window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "slots": 0.0}
+    window = {"loss": 0.0, "nll": 0.0, "tgt": 0.0, "src": 0.0, "start": time.time(), "src_slots": 0.0,
+              "tgt_slots": 0.0}
     reason = "max_updates" if t.max_updates and progress.update >= t.max_updates else ""
     last_eval = -1
     while not reason:
-        batches, slots, position = [], 0, (progress.epoch, progress.batch_index)
+        batches, src_slots, tgt_slots, position = [], 0, 0, (progress.epoch, progress.batch_index)
         for _ in range(t.accum_steps):
-            for batch in data.batches_at(*position):
-                batches.append(data.collate_train(batch))
-                slots += batch.src_pad_len * batches[-1]["src"].shape[0]
-            position = _next_position(*position, data.batches_per_epoch)
+            for plan in data.batches_at(*position):
+                batches.append(data.collate_train(plan))
+                src_slots, tgt_slots = src_slots + batches[-1].src_slots, tgt_slots + batches[-1].tgt_slots
+            position = next_position(*position, data.batches_per_epoch)
         out_of_time = bool(t.max_time_minutes) and (time.time() - start) / 60 >= t.max_time_minutes
         num_tgt, num_src, stop_votes, time_votes = distributed.allreduce_sum(
-            [sum(b["num_tgt_tokens"] for b in batches), sum(b["num_src_tokens"] for b in batches),
+            [sum(b.num_tgt_tokens for b in batches), sum(b.num_src_tokens for b in batches),
              float(bool(stop.received)), float(out_of_time)], name=f"step.{progress.update}")
         if stop_votes or time_votes:
             reason = "signal" if stop_votes else "max_time_minutes"
@@ -203,7 +201,8 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
         _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)
         bar.update(1)
         window.update(loss=window["loss"] + stats.loss_sum, nll=window["nll"] + stats.nll_sum,
-                      tgt=window["tgt"] + num_tgt, src=window["src"] + num_src, slots=window["slots"] + slots)
+                      tgt=window["tgt"] + num_tgt, src=window["src"] + num_src,
+                      src_slots=window["src_slots"] + src_slots, tgt_slots=window["tgt_slots"] + tgt_slots)
         if progress.update % t.log_every_updates == 0:
             log_update(progress, window, trainer.learning_rate, scaler, writer, world, start)
         is_best = False

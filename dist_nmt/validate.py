@@ -15,7 +15,7 @@ import numpy as np
 
 from dist_nmt import distributed
 from dist_nmt.config import DecodeConfig
-from dist_nmt.data import Batch, EncodedSplit, Vocab, collate
+from dist_nmt.data import Batch, BatchPlan, EncodedSplit, Vocab, collate
 from dist_nmt.evaluate import sacre_scores, tokenized_bleu
 from dist_nmt.loss import label_smoothed_nll
 from dist_nmt.translate import translate_lines
@@ -35,21 +35,21 @@ class DecodeJob:
     tok_references: Sequence[str] = ()
 
 
-def to_nd(arrays: dict, ctx: mx.Context) -> dict[str, mx.nd.NDArray]:
+def to_nd(batch: Batch, ctx: mx.Context) -> dict[str, mx.nd.NDArray]:
     """numpy batch from `collate` → NDArrays on `ctx` (int ids stay int32)."""
-    return {k: mx.nd.array(v, ctx=ctx, dtype=v.dtype) for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    return {k: mx.nd.array(v, ctx=ctx, dtype=v.dtype) for k, v in batch.arrays().items()}
 
 
-def dev_loss(model: mx.gluon.Block, split: EncodedSplit, batches: Sequence[Batch], label_smoothing: float,
+def dev_loss(model: mx.gluon.Block, split: EncodedSplit, batches: Sequence[BatchPlan], label_smoothing: float,
              ctx: mx.Context, name: str) -> dict:
     """Per-token smoothed loss and perplexity over this rank's dev batches, summed over all ranks."""
     totals = np.zeros(3)
-    for batch in batches:
-        arrays = collate(split, batch)
-        nd = to_nd(arrays, ctx)
+    for plan in batches:
+        batch = collate(split, plan)
+        nd = to_nd(batch, ctx)
         logits = model(nd["src"], nd["src_valid_len"], nd["tgt_in"], nd["tgt_valid_len"])
         loss, nll = label_smoothed_nll(logits, nd["tgt_out"], nd["tgt_valid_len"], label_smoothing)
-        totals += [loss.asscalar(), nll.asscalar(), arrays["num_tgt_tokens"]]
+        totals += [loss.asscalar(), nll.asscalar(), batch.num_tgt_tokens]
     loss_sum, nll_sum, num_tgt_tokens = distributed.allreduce_sum(totals, name=name)
     num_tgt_tokens = max(num_tgt_tokens, 1.0)
     return {"loss": loss_sum / num_tgt_tokens, "ppl": float(np.exp(min(nll_sum / num_tgt_tokens, 50.0)))}
