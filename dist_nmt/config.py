@@ -71,7 +71,11 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Batching, stopping, validation and checkpointing. Intervals are in updates unless named otherwise."""
+    """Batching, stopping, validation and checkpointing. Intervals are in updates unless named otherwise.
+
+    `max_tokens` bounds every batch per side, padding and dummy rows included: rows * src_pad_len <= max_tokens and
+    rows * tgt_pad_len <= max_tokens (each side is padded to its own length; see dist_nmt/data/bucketing.py).
+    """
 
     run_dir: str = "runs/multi30k"
     seed: int = 1

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from dist_nmt import distributed
-from dist_nmt.data.batch import ArrayBatch, padding_ratio
+from dist_nmt.data.batch import Batch, padding_efficiency
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,15 @@ class TrainWindow:
     tgt_slots: float = 0.0
     start: float = field(default_factory=time.time)
 
-    def add(self, loss_sum: float, nll_sum: float, batches: Sequence[ArrayBatch]) -> None:
+    def add(self, loss_sum: float, nll_sum: float, batches: Sequence[Batch]) -> None:
         """Account one update's micro-batches."""
         self.loss_sum += loss_sum
         self.nll_sum += nll_sum
         for b in batches:
             self.num_src_tokens += b.num_src_tokens
             self.num_tgt_tokens += b.num_tgt_tokens
-            self.src_slots += b.src.size
-            self.tgt_slots += b.tgt_in.size
+            self.src_slots += b.src_slots
+            self.tgt_slots += b.tgt_slots
 
     def log_values(self, update: int) -> dict[str, float]:
         """Loss, perplexity, tokens/s and per-side padding efficiency over all ranks (a collective)."""
@@ -103,7 +103,7 @@ class TrainWindow:
             name=f"log.{update}")
         loss, nll, src, tgt, src_slots, tgt_slots = (float(v) for v in totals)
         seconds = max(time.time() - self.start, 1e-9)
+        pad = padding_efficiency(src, tgt, src_slots, tgt_slots)
         return {"loss": loss / max(tgt, 1.0), "ppl": float(np.exp(min(nll / max(tgt, 1.0), 50.0))),
-                "tokens_per_s": (src + tgt) / seconds,
-                "src_padding_efficiency": padding_ratio(src, src_slots),
-                "tgt_padding_efficiency": padding_ratio(tgt, tgt_slots)}
+                "tokens_per_s": (src + tgt) / seconds, "padding_efficiency": pad.combined,
+                "padding_efficiency_src": pad.src, "padding_efficiency_tgt": pad.tgt}

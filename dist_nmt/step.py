@@ -17,7 +17,7 @@ import mxnet as mx
 
 from dist_nmt import distributed
 from dist_nmt.config import OptimConfig
-from dist_nmt.data import ArrayBatch
+from dist_nmt.data import Batch
 from dist_nmt.loss import label_smoothed_nll
 
 
@@ -42,7 +42,7 @@ class StepStats:
     skipped: bool
 
 
-def to_nd(batch: ArrayBatch, ctx: mx.Context) -> ModelInputs:
+def to_nd(batch: Batch, ctx: mx.Context) -> ModelInputs:
     """numpy arrays of a collated batch -> NDArrays on `ctx` (ids stay int32)."""
     def put(a):
         return mx.nd.array(a, ctx=ctx, dtype=a.dtype)
@@ -63,7 +63,7 @@ def seed_for(seed: int, update: int, rank: int) -> int:
     return (seed * 1_000_003 + update * 7_919 + rank) % (2**31 - 1)
 
 
-def train_step(model: mx.gluon.Block, trainer, batches: Sequence[ArrayBatch], ctx: mx.Context, loss_scale: float,
+def train_step(model: mx.gluon.Block, trainer, batches: Sequence[Batch], ctx: mx.Context, loss_scale: float,
                optim: OptimConfig, num_tgt_global: float) -> StepStats:
     """Forward/backward every micro-batch, all-reduce, clip on the true gradient norm, update (or skip).
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from dist_nmt import allocator, distributed, ops
 from dist_nmt.checkpoint import Checkpointer, Progress, TrainState
 from dist_nmt.config import Config, save_config
-from dist_nmt.data import RunData
+from dist_nmt.data import RunData, next_position
 from dist_nmt.environment import StopSignal
 from dist_nmt.errors import TrainingError
 from dist_nmt.hooks import FaultHooks
@@ -66,10 +66,6 @@ def make_optimizer(cfg: Config, model: mx.gluon.Block):
     return distributed.make_trainer(model.collect_params(), "adam", {
         "learning_rate": o.lr, "beta1": o.beta1, "beta2": o.beta2, "epsilon": o.epsilon, "wd": o.weight_decay,
         "multi_precision": cfg.precision.dtype == "fp16"})
-
-
-def _next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, int]:
-    return (epoch + 1, 0) if index + 1 >= batches_per_epoch else (epoch, index + 1)
 
 
 def train(cfg: Config, stop: StopSignal | None = None) -> dict:
@@ -110,7 +106,7 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
         batches, position = [], (progress.epoch, progress.batch_index)
         for _ in range(t.accum_steps):
             batches += [data.collate_train(plan) for plan in data.batches_at(*position)]
-            position = _next_position(*position, data.batches_per_epoch)
+            position = next_position(*position, data.batches_per_epoch)
         out_of_time = bool(t.max_time_minutes) and (time.time() - start) / 60 >= t.max_time_minutes
         num_tgt, stop_votes, time_votes = distributed.allreduce_sum(
             [sum(b.num_tgt_tokens for b in batches), float(bool(stop.received)), float(out_of_time)],
@@ -198,7 +194,7 @@ def _log_update(progress: Progress, window: TrainWindow, lr: float, scaler: Loss
                   elapsed_min=(time.time() - start) / 60)
     log.info("update %d | epoch %d | loss %.3f | ppl %.2f | lr %.2e | %.0f tok/s | pad eff src %.2f tgt %.2f | "
              "%.1f min", progress.update, progress.epoch + 1, values["loss"], values["ppl"], lr,
-             values["tokens_per_s"], values["src_padding_efficiency"], values["tgt_padding_efficiency"],
+             values["tokens_per_s"], values["padding_efficiency_src"], values["padding_efficiency_tgt"],
              values["elapsed_min"])
     writer.write("train", progress.update, values)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from dist_nmt import distributed
 from dist_nmt.config import DataConfig, DecodeConfig
-from dist_nmt.data import Batch, EncodedSplit, RunData, Vocab, collate, read_lines, split_paths
+from dist_nmt.data import BatchPlan, EncodedSplit, RunData, Vocab, collate, read_lines, split_paths
 from dist_nmt.evaluate import sacre_scores, tokenized_bleu
 from dist_nmt.step import forward_loss, to_nd
 from dist_nmt.translate import translate_lines
@@ -30,7 +30,7 @@ from dist_nmt.translate import translate_lines
 log = logging.getLogger(__name__)
 
 
-def dev_loss(model: mx.gluon.Block, split: EncodedSplit, batches: Sequence[Batch], label_smoothing: float,
+def dev_loss(model: mx.gluon.Block, split: EncodedSplit, batches: Sequence[BatchPlan], label_smoothing: float,
              ctx: mx.Context, name: str) -> dict:
     """Per-token smoothed loss and perplexity over this rank's dev batches, summed over all ranks."""
     totals = np.zeros(3)

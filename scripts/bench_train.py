@@ -41,7 +41,7 @@ from mxnet import autograd, gluon
 
 from dist_nmt import allocator, distributed, ops
 from dist_nmt.config import Config, load_config
-from dist_nmt.data import ArrayBatch, random_batch
+from dist_nmt.data import Batch, random_batch
 from dist_nmt.step import train_step
 from dist_nmt.train import build_model_for, make_optimizer
 
@@ -108,7 +108,7 @@ def gluonnlp_loss(vocab: int):
     return lambda logits, labels, valid_len, epsilon: loss(logits, smoothing(labels), valid_len).sum()
 
 
-def trainer_step(cfg: Config, model, batch: ArrayBatch):
+def trainer_step(cfg: Config, model, batch: Batch):
     """A closure running one update exactly as the trainer does (`dist_nmt.step.train_step`) on `batch`."""
     trainer = make_optimizer(cfg, model)
 
@@ -119,7 +119,7 @@ def trainer_step(cfg: Config, model, batch: ArrayBatch):
     return step
 
 
-def gluonnlp_step(forward, params, batch: ArrayBatch, vocab: int):
+def gluonnlp_step(forward, params, batch: Batch, vocab: int):
     """GluonNLP 0.10's own training step (its loss, gluon Trainer) on `batch`."""
     trainer = gluon.Trainer(params, "adam", {"learning_rate": 1e-4, "beta2": 0.98, "epsilon": 1e-9})
     loss_fn = gluonnlp_loss(vocab)

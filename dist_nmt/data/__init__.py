@@ -6,20 +6,29 @@
     train = EncodedSplit.load(cfg.data.prepared_dir, "train")
     stream = BatchStream(train.src_lengths, train.tgt_lengths, cfg.train.max_tokens, cfg.train.seed,
                          rank=world.rank, num_shards=world.size)
-    for epoch, index, batch in stream.iterate(epoch, index):
-        arrays = collate(train, batch)                           # src, src_valid_len, tgt_in, tgt_out, ...
+    for epoch, index, plan in stream.iterate(epoch, index):     # index plans (BatchPlan)
+        batch = collate(train, plan)                             # Batch: batch.src, batch.tgt_in, ...
     Vocab.load(vocab_path(cfg.data.prepared_dir)).decode(ids)    # detokenized text for BLEU
 """
-from dist_nmt.data.batch import ArrayBatch, Batch, collate, padding_efficiency, random_batch
-from dist_nmt.data.bucketing import bucket_boundaries
+from dist_nmt.data.batch import (
+    Batch,
+    BatchPlan,
+    PaddingEfficiency,
+    collate,
+    padding_efficiency,
+    plan_padding_efficiency,
+    random_batch,
+)
+from dist_nmt.data.bucketing import ROWS_MULTIPLE, BucketPlan, plan_buckets
 from dist_nmt.data.dataset import EncodedSplit, prepare, vocab_path
 from dist_nmt.data.rundata import RunData
-from dist_nmt.data.sharding import BatchStream, make_global_batches
+from dist_nmt.data.sharding import BatchStream, make_global_batches, next_position
 from dist_nmt.data.text import DataError, read_lines, split_paths
 from dist_nmt.data.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Vocab
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "PAD_ID", "UNK_ID", "ArrayBatch", "Batch", "BatchStream", "DataError", "EncodedSplit",
-    "RunData", "Vocab", "bucket_boundaries", "collate", "make_global_batches", "padding_efficiency", "prepare",
-    "random_batch", "read_lines", "split_paths", "vocab_path",
+    "BOS_ID", "EOS_ID", "PAD_ID", "ROWS_MULTIPLE", "UNK_ID", "Batch", "BatchPlan", "BatchStream", "BucketPlan",
+    "DataError", "EncodedSplit", "PaddingEfficiency", "RunData", "Vocab", "collate", "make_global_batches",
+    "next_position", "padding_efficiency", "plan_buckets", "plan_padding_efficiency", "prepare", "random_batch",
+    "read_lines", "split_paths", "vocab_path",
 ]

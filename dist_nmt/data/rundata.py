@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_nmt.config import DataConfig, TrainConfig
-from dist_nmt.data.batch import ArrayBatch, Batch, collate
+from dist_nmt.data.batch import Batch, BatchPlan, collate
 from dist_nmt.data.dataset import EncodedSplit, vocab_path
 from dist_nmt.data.sharding import BatchStream
 from dist_nmt.data.text import read_lines, split_paths
@@ -31,7 +31,7 @@ class RunData:
     train: EncodedSplit
     dev: EncodedSplit
     streams: list[BatchStream]
-    dev_batches: list[Batch]
+    dev_batches: list[BatchPlan]
     dev_sources: list[str]
     dev_references: list[str]
     data_shards: int
@@ -61,10 +61,10 @@ class RunData:
         """Global steps per epoch (equal on every rank by construction)."""
         return self.streams[0].batches_per_epoch
 
-    def batches_at(self, epoch: int, index: int) -> list[Batch]:
+    def batches_at(self, epoch: int, index: int) -> list[BatchPlan]:
         """This rank's batches (one per local data shard, all of one bucket) at data position (epoch, index)."""
         return [stream.epoch_batches(epoch)[index] for stream in self.streams]
 
-    def collate_train(self, batch: Batch) -> ArrayBatch:
+    def collate_train(self, plan: BatchPlan) -> Batch:
         """numpy arrays for one training batch."""
-        return collate(self.train, batch)
+        return collate(self.train, plan)
