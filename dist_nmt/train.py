@@ -34,7 +34,7 @@ from dist_nmt.config import Config, save_config
 from dist_nmt.data import RunData
 from dist_nmt.environment import StopSignal
 from dist_nmt.errors import TrainingError
-from dist_nmt.hooks import FaultHooks
+from dist_nmt.hooks import FaultHooks, test_device
 from dist_nmt.metrics import MetricsWriter, TrainWindow, setup_logging
 from dist_nmt.models import build_model
 from dist_nmt.precision import LossScaler, check_precision, init_amp
@@ -78,7 +78,7 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     """
     t, world = cfg.train, distributed.init_world(cfg.dist)
     setup_logging(world.rank, world.size, t.run_dir)
-    ctx = distributed.device(world)
+    ctx = test_device(world.rank) or distributed.device(world)
     check_precision(cfg.precision.dtype, ctx.device_type == "gpu")
     data = RunData.load(cfg.data, t, world.rank, world.size)
     model = build_model_for(cfg, data.vocab.size, ctx)
