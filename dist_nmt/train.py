@@ -79,7 +79,7 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     t, world = cfg.train, distributed.init_world(cfg.dist)
     setup_logging(world.rank, world.size, t.run_dir)
     ctx = test_device(world.rank) or distributed.device(world)
-    check_precision(cfg.precision.dtype, ctx.device_type == "gpu")
+    check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
     data = RunData.load(cfg.data, t, world.rank, world.size)
     model = build_model_for(cfg, data.vocab.size, ctx)
     p = cfg.precision
@@ -210,7 +210,8 @@ def _account(progress: Progress, scaler: LossScaler, stats: StepStats, max_bad: 
         progress.bad_updates_in_a_row = 0
         return
     progress.num_skipped_updates += 1
-    progress.bad_updates_in_a_row += 1
+    if not scaler.backing_off:  # overflows while the scale can still fall are bounded by the scaler's min_scale
+        progress.bad_updates_in_a_row += 1
     log.warning("update %d skipped: non-finite loss or gradients (%d in a row, %d in total)%s", progress.update,
                 progress.bad_updates_in_a_row, progress.num_skipped_updates,
                 f"; loss scale now {scaler.scale:g}" if scaler.enabled else "")
