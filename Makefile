@@ -2,6 +2,7 @@
 # Both bootstrap everything they need first (Debian MPI, .venv, Horovod build); re-runs skip what is done.
 SHELL := /bin/bash
 VENV ?= .venv
+GPU ?= 0
 PY := $(VENV)/bin/python
 CONFIG ?= configs/multi30k.yaml
 ARGS ?=
@@ -9,8 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: bootstrap ops train prepare test test-slow test-slurm test-all lint bench clean
 
-bootstrap:
-	@bash scripts/bootstrap.sh
+bootstrap:  # GPU=1: CUDA MXNet wheel + Horovod with NCCL
+	@GPU=$(GPU) bash scripts/bootstrap.sh
 
 ops:
 	$(PY) -m dist_nmt.ops build

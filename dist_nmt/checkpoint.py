@@ -66,21 +66,33 @@ def _sha256(path: Path) -> str:
 
 
 def optimizer_state(trainer: Any) -> tuple[dict[str, mx.nd.NDArray], dict[str, int]]:
-    """Optimizer state arrays and per-parameter update counts of a gluon Trainer (one device)."""
+    """Optimizer state arrays (copied to the CPU) and per-parameter update counts of a gluon Trainer (one device).
+
+    The arrays go through the CPU because `mx.nd.save` records each array's context and `mx.nd.load` copies a GPU
+    array back onto that context: moments saved from `gpu(0)` would make every rank open a CUDA context on GPU 0.
+    The counts are the table of the device this trainer updates on: MXNet keeps one table per device id
+    (`Optimizer._set_current_context`, called by the Updater before each update), and `_index_update_count` points
+    at the one in use.
+    """
     updater = trainer._updaters[0]
     arrays: dict[str, mx.nd.NDArray] = {}
     for index, state in updater.states.items():
         slots = state if isinstance(state, (tuple, list)) else (state,)
         for slot, value in enumerate(slots):
             if value is not None:
-                arrays[f"{index}.{slot}"] = value
+                arrays[f"{index}.{slot}"] = value.as_in_context(mx.cpu())
     counts = {str(k): int(v) for k, v in trainer._optimizer._index_update_count.items()}
     return arrays, counts
 
 
 def load_optimizer_state(trainer: Any, arrays: dict[str, mx.nd.NDArray], counts: dict[str, int],
                          ctx: mx.Context) -> None:
-    """Inverse of `optimizer_state`: restore Adam moments and the bias-correction step counts."""
+    """Inverse of `optimizer_state`: restore Adam moments and the bias-correction step counts onto `ctx`.
+
+    The counts (saved by rank 0 from its device) are installed as the table of `ctx`'s device id, the one the
+    Updater will select; restored into device 0's table, a rank on `gpu(k)` (k > 0) would restart Adam's step count
+    at 1 and diverge from the others.
+    """
     updater = trainer._updaters[0]
     by_index: dict[int, dict[int, mx.nd.NDArray]] = {}
     for key, value in arrays.items():
@@ -89,8 +101,8 @@ def load_optimizer_state(trainer: Any, arrays: dict[str, mx.nd.NDArray], counts:
     updater.states = {i: tuple(s[k] for k in sorted(s)) if len(s) > 1 else s[0] for i, s in by_index.items()}
     updater.states_synced = dict.fromkeys(updater.states, True)
     opt = trainer._optimizer
-    opt._index_update_count.clear()
-    opt._index_update_count.update({int(k): v for k, v in counts.items()})
+    opt._index_update_count = {int(k): v for k, v in counts.items()}
+    opt._all_index_update_counts = {ctx.device_id: opt._index_update_count}
     opt.num_update = max(counts.values(), default=0)
 
 

@@ -103,7 +103,7 @@ class PrecisionConfig:
 
     dtype: str = "fp32"
     loss_scaling: str = "none"
-    init_scale: float = 2.0**15
+    init_scale: float = 2.0**7  # the loss is a token *sum*: 2^15 overflows fp16 weight gradients (fairseq: 2^7)
     growth_interval: int = 2000
     growth_factor: float = 2.0
     backoff_factor: float = 0.5

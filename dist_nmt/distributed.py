@@ -117,12 +117,18 @@ def init_world(dist: DistConfig | None = None) -> World:
 
 
 def device(world: World) -> Any:
-    """One GPU per local rank when GPUs exist, else the CPU."""
+    """One GPU per local rank when GPUs exist, else the CPU. Refuses more local ranks than GPUs."""
     import mxnet as mx
 
-    if mx.context.num_gpus() > 0:
-        return mx.gpu(world.local_rank % mx.context.num_gpus())
-    return mx.cpu()
+    num_gpus = mx.context.num_gpus()
+    if num_gpus == 0:
+        return mx.cpu()
+    if world.local_size > num_gpus:
+        # local_rank % num_gpus would put two ranks on one GPU: half speed and often out of memory, silently.
+        raise TrainingError(f"{world.local_size} processes on this host but only {num_gpus} GPU(s): start at most "
+                            f"{num_gpus} per host (horovodrun -np <gpus> -H host:<gpus>) or set "
+                            "CUDA_VISIBLE_DEVICES to match.")
+    return mx.gpu(world.local_rank)
 
 
 def make_trainer(params: Any, optimizer: str, optimizer_params: dict) -> Any:

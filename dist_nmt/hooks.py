@@ -2,6 +2,7 @@
 
     DIST_NMT_INJECT_NAN="5,7@1"    update 5 (every rank) and update 7 (rank 1 only) get non-finite gradients
     DIST_NMT_DUMP_PARAMS=DIR       at the end of training every rank writes DIR/rank<r>.params
+    DIST_NMT_CPU_PER_RANK=1        rank r trains on mx.cpu(r): a CPU stand-in for one GPU per rank (device ids != 0)
 
 They exist so the integration tests can drive the real trainer through overflow skips and compare ranks' parameters;
 unset (the default) they do nothing.
@@ -45,3 +46,16 @@ class FaultHooks:
         if self.dump_params_dir:
             Path(self.dump_params_dir).mkdir(parents=True, exist_ok=True)
             model.save_parameters(str(Path(self.dump_params_dir) / f"rank{rank}.params"), deduplicate=True)
+
+
+def test_device(rank: int) -> Any:
+    """`mx.cpu(rank)` when DIST_NMT_CPU_PER_RANK is set, else None (use `distributed.device`).
+
+    MXNet keys per-device optimizer state by device id, on CPU as on GPU, so this reproduces the device-id logic of
+    one GPU per rank on a CPU-only machine.
+    """
+    if not os.environ.get("DIST_NMT_CPU_PER_RANK"):
+        return None
+    import mxnet as mx
+
+    return mx.cpu(rank)

@@ -14,8 +14,15 @@ from dist_nmt.errors import PrecisionError
 log = logging.getLogger(__name__)
 
 
-def check_precision(dtype: str, on_gpu: bool) -> None:
-    """Refuse precisions this machine cannot train in, naming the alternative."""
+def check_precision(dtype: str, on_gpu: bool, loss_scaling: str = "dynamic") -> None:
+    """Refuse precisions this machine cannot train in, naming the alternative; warn about fp16 without scaling."""
+    if dtype == "bf16" and on_gpu:
+        raise PrecisionError(
+            "precision.dtype=bf16 is CPU-only in MXNet 1.9.1 (AMP's bfloat16 path is oneDNN; there are no bf16 CUDA "
+            "kernels for its op lists). On GPU use precision.dtype=fp16 with precision.loss_scaling=dynamic, or fp32.")
+    if dtype == "fp16" and loss_scaling == "none":
+        log.warning("precision.dtype=fp16 with precision.loss_scaling=none: small gradients underflow to zero in "
+                    "float16; set precision.loss_scaling=dynamic")
     if dtype == "fp16" and not on_gpu:
         raise PrecisionError(
             "precision.dtype=fp16 needs a GPU: MXNet 1.9.1 has no float16 matrix multiply on CPU "
@@ -52,7 +59,7 @@ def init_amp(dtype: str) -> None:
 class LossScaler:
     """Dynamic loss scaling. `enabled=False` keeps scale at 1.0 and never changes it."""
 
-    scale: float = 2.0**15
+    scale: float = 2.0**7
     growth_interval: int = 2000
     growth_factor: float = 2.0
     backoff_factor: float = 0.5
@@ -83,6 +90,11 @@ class LossScaler:
                     "gradients are not finite even at the smallest scale. Lower optim.lr, check the data, or use "
                     "precision.dtype=fp32; the last good checkpoint is intact.")
         return True
+
+    @property
+    def backing_off(self) -> bool:
+        """An overflow skip is the scaler doing its job (it can still halve the scale), not a bad update."""
+        return self.enabled and self.scale >= self.min_scale
 
     def state_dict(self) -> dict:
         """Plain-float state for checkpoints."""

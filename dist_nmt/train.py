@@ -34,7 +34,7 @@ from dist_nmt.config import Config, save_config
 from dist_nmt.data import RunData, next_position
 from dist_nmt.environment import StopSignal
 from dist_nmt.errors import TrainingError
-from dist_nmt.hooks import FaultHooks
+from dist_nmt.hooks import FaultHooks, test_device
 from dist_nmt.metrics import MetricsWriter, TrainWindow, setup_logging
 from dist_nmt.models import build_model
 from dist_nmt.precision import LossScaler, check_precision, init_amp
@@ -75,8 +75,8 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     """
     t, world = cfg.train, distributed.init_world(cfg.dist)
     setup_logging(world.rank, world.size, t.run_dir)
-    ctx = distributed.device(world)
-    check_precision(cfg.precision.dtype, ctx.device_type == "gpu")
+    ctx = test_device(world.rank) or distributed.device(world)
+    check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
     data = RunData.load(cfg.data, t, world.rank, world.size)
     model = build_model_for(cfg, data.vocab.size, ctx)
     p = cfg.precision
@@ -207,7 +207,8 @@ def _account(progress: Progress, scaler: LossScaler, stats: StepStats, max_bad: 
         progress.bad_updates_in_a_row = 0
         return
     progress.num_skipped_updates += 1
-    progress.bad_updates_in_a_row += 1
+    if not scaler.backing_off:  # overflows while the scale can still fall are bounded by the scaler's min_scale
+        progress.bad_updates_in_a_row += 1
     log.warning("update %d skipped: non-finite loss or gradients (%d in a row, %d in total)%s", progress.update,
                 progress.bad_updates_in_a_row, progress.num_skipped_updates,
                 f"; loss scale now {scaler.scale:g}" if scaler.enabled else "")

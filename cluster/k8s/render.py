@@ -83,7 +83,8 @@ def _env(args: argparse.Namespace) -> list[dict]:
     values = {"OMP_NUM_THREADS": args.cpus_per_slot, "MXNET_CPU_WORKER_NTHREADS": 1,
               "HOROVOD_STALL_CHECK_TIME_SECONDS": args.stall_check_seconds,
               "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": args.stall_shutdown_seconds,
-              "HOROVOD_GLOO_TIMEOUT_SECONDS": 300, "PYTHONUNBUFFERED": 1}
+              "HOROVOD_GLOO_TIMEOUT_SECONDS": 300, "PYTHONUNBUFFERED": 1,
+              "NCCL_SOCKET_IFNAME": args.network_interface}  # NCCL's bootstrap/socket transport: the MPI NIC
     return [{"name": k, "value": str(v)} for k, v in values.items()]
 
 

@@ -63,7 +63,7 @@ def attend(F, q, k, v, lengths, dropout: float, d_k: int, fused: bool = False):
     scores = F.batch_dot(q, k, transpose_b=True)  # (B*H, T, S)
     probs = F.softmax(scores, length=lengths, use_length=True, axis=-1, temperature=math.sqrt(d_k))
     if dropout:
-        probs = F.Dropout(probs, p=dropout)
+        probs = F.Dropout(probs, p=dropout, cudnn_off=True)  # cuDNN dropout ignores mx.random.seed
     return F.batch_dot(probs, v)  # (B*H, T, d_k)
 
 

@@ -79,7 +79,7 @@ def _residual(layer: int, hp: GNMTHParams) -> bool:
 
 def _dropout(F, x, p: float):
     """Dropout with rate p (a no-op outside autograd training mode); skipped entirely when p == 0."""
-    return F.Dropout(x, p=p) if p else x
+    return F.Dropout(x, p=p, cudnn_off=True) if p else x  # cuDNN dropout ignores mx.random.seed
 
 
 def _fused_lstm(hidden_size: int, input_size: int, prefix: str) -> rnn.LSTM:

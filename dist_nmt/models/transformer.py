@@ -55,7 +55,7 @@ def residual(F, x, norm, fn, pre_norm: bool, dropout: float, fused: bool = False
         out = fn(x)
         return norm.fused(F, x, out[0], dropout), out[1:]
     out = fn(norm(x) if pre_norm else x)
-    h = F.Dropout(out[0], p=dropout) if dropout else out[0]
+    h = F.Dropout(out[0], p=dropout, cudnn_off=True) if dropout else out[0]
     x = x + h
     return (x if pre_norm else norm(x)), out[1:]
 
@@ -74,7 +74,7 @@ class FeedForward(HybridBlock):
         """x (..., D) -> (..., D)."""
         h = self.fc1(x)  # (..., F)
         if self.activation_dropout:
-            h = F.Dropout(h, p=self.activation_dropout)
+            h = F.Dropout(h, p=self.activation_dropout, cudnn_off=True)
         return self.fc2(h)
 
 
@@ -87,9 +87,11 @@ class LayerNorm(HybridBlock):
     Parameters are named `gamma`/`beta` like gluon.nn.LayerNorm.
     """
 
-    def __init__(self, units: int, epsilon: float = 1e-5, prefix: str | None = None):
+    def __init__(self, units: int, epsilon: float = 1e-5, prefix: str | None = None, fused: bool | None = None):
         super().__init__(prefix=prefix)
         self.units, self.epsilon = units, epsilon
+        # On GPU, MXNet's fused LayerNorm (fp32 under AMP; the GEMMs here would run in fp16). Same parameters.
+        self.fused = mx.context.num_gpus() > 0 if fused is None else fused
         self.gamma = self.params.get("gamma", shape=(units,), init="ones")
         self.beta = self.params.get("beta", shape=(units,), init="zeros")
 
@@ -127,6 +129,8 @@ class LayerNorm(HybridBlock):
     def hybrid_forward(self, F, x, gamma, beta):
         """x (..., D) -> (..., D)."""
         d = self.units
+        if self.fused:
+            return F.LayerNorm(x, gamma, beta, axis=-1, eps=self.epsilon)
         mean_w = F.ones((1, d)) * (1.0 / d)  # row-mean as a (D -> 1) product
         spread_w = F.ones((d, 1))  # broadcast a per-row scalar as a (1 -> D) product
         mean = F.FullyConnected(x, mean_w, no_bias=True, num_hidden=1, flatten=False)  # (..., 1)
@@ -202,7 +206,7 @@ def embed_sequence(F, embed, tokens, d_model: int, dropout: float):
     x = embed(tokens) * math.sqrt(d_model)  # (B, T, D)
     positions = F.contrib.arange_like(x, axis=1)  # (T,)
     x = F.broadcast_add(x, F.expand_dims(positional_encoding(F, positions, d_model), axis=0))
-    return (F.Dropout(x, p=dropout) if dropout else x), positions
+    return (F.Dropout(x, p=dropout, cudnn_off=True) if dropout else x), positions
 
 
 def lengths_like(F, lengths, x):

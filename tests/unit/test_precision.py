@@ -48,3 +48,27 @@ def test_fp16_on_cpu_refused_naming_alternative():
         check_precision("fp16", on_gpu=False)
     check_precision("fp16", on_gpu=True)
     check_precision("fp32", on_gpu=False)
+
+
+def test_bf16_on_gpu_refused_and_fp16_without_scaling_warns(caplog):
+    with pytest.raises(PrecisionError, match="bf16 is CPU-only.*precision.dtype=fp16"):
+        check_precision("bf16", on_gpu=True)
+    check_precision("bf16", on_gpu=False)
+    check_precision("fp16", on_gpu=True, loss_scaling="none")
+    assert "precision.loss_scaling=dynamic" in caplog.text
+
+
+def test_token_sum_loss_starts_at_2_pow_7_and_overflow_skips_are_backoff_not_bad_updates():
+    from dist_nmt.config import PrecisionConfig
+
+    assert PrecisionConfig().init_scale == LossScaler().scale == 2.0**7
+    s = LossScaler(scale=8.0, min_scale=1.0)
+    backing_off = []
+    for _ in range(4):  # 8 -> 4 -> 2 -> 1 -> 0.5 (below min_scale: fatal, with its own message)
+        try:
+            s.update(False)
+        except PrecisionError:
+            break
+        backing_off.append(s.backing_off)
+    assert backing_off == [True, True, True]
+    assert LossScaler(enabled=False).backing_off is False  # without a scaler every skip is a bad update
