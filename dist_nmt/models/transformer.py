@@ -87,11 +87,12 @@ class LayerNorm(HybridBlock):
     Parameters are named `gamma`/`beta` like gluon.nn.LayerNorm.
     """
 
-    def __init__(self, units: int, epsilon: float = 1e-5, prefix: str | None = None, fused: bool | None = None):
+    def __init__(self, units: int, epsilon: float = 1e-5, prefix: str | None = None,
+                 builtin: bool | None = None):
         super().__init__(prefix=prefix)
         self.units, self.epsilon = units, epsilon
-        # On GPU, MXNet's fused LayerNorm (fp32 under AMP; the GEMMs here would run in fp16). Same parameters.
-        self.fused = mx.context.num_gpus() > 0 if fused is None else fused
+        # On GPU, MXNet's own LayerNorm op (fp32 under AMP; the GEMMs here would run in fp16). Same parameters.
+        self.builtin = mx.context.num_gpus() > 0 if builtin is None else builtin
         self.gamma = self.params.get("gamma", shape=(units,), init="ones")
         self.beta = self.params.get("beta", shape=(units,), init="zeros")
 
@@ -129,7 +130,7 @@ class LayerNorm(HybridBlock):
     def hybrid_forward(self, F, x, gamma, beta):
         """x (..., D) -> (..., D)."""
         d = self.units
-        if self.fused:
+        if self.builtin:
             return F.LayerNorm(x, gamma, beta, axis=-1, eps=self.epsilon)
         mean_w = F.ones((1, d)) * (1.0 / d)  # row-mean as a (D -> 1) product
         spread_w = F.ones((d, 1))  # broadcast a per-row scalar as a (1 -> D) product

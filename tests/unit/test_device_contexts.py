@@ -97,12 +97,12 @@ def test_imperative_and_hybridized_forward_agree_on_a_nonzero_device(monkeypatch
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
-def test_fused_layer_norm_computes_the_same_function_with_the_same_parameters():
+def test_builtin_layer_norm_computes_the_same_function_with_the_same_parameters():
     x = mx.nd.random.normal(shape=(3, 5, 16), ctx=mx.cpu(1)) * 3 + 1
-    gemm, fused = LayerNorm(16, prefix="ln_", fused=False), LayerNorm(16, prefix="ln_", fused=True)
-    for norm in (gemm, fused):
+    gemm, builtin = LayerNorm(16, prefix="ln_", builtin=False), LayerNorm(16, prefix="ln_", builtin=True)
+    for norm in (gemm, builtin):
         norm.initialize(ctx=mx.cpu(1))
         norm.gamma.set_data(mx.nd.arange(16, ctx=mx.cpu(1)) / 8)
         norm.beta.set_data(mx.nd.ones(16, ctx=mx.cpu(1)) * 0.5)
-    assert list(gemm.collect_params()) == list(fused.collect_params())  # checkpoints load either way
-    np.testing.assert_allclose(gemm(x).asnumpy(), fused(x).asnumpy(), rtol=1e-4, atol=1e-5)
+    assert list(gemm.collect_params()) == list(builtin.collect_params())  # checkpoints load either way
+    np.testing.assert_allclose(gemm(x).asnumpy(), builtin(x).asnumpy(), rtol=1e-4, atol=1e-5)
