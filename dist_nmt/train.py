@@ -195,8 +195,7 @@ def train(cfg, stop: StopSignal | None = None) -> dict:
             break
         progress.update, (progress.epoch, progress.batch_index) = progress.update + 1, position
         mx.random.seed(_seed_for(t.seed, progress.update, world.rank))
-        trainer.set_learning_rate(lr_at(progress.update, cfg.optim.lr, cfg.optim.warmup_updates,
-                                        cfg.optim.warmup_init_lr))
+        trainer.set_learning_rate(lr_at(progress.update, cfg.optim))
         scale = scaler.scale * (float("nan") if (progress.update, world.rank) in injected else 1.0)
         stats = train_step(model, trainer, batches, ctx, scale, cfg.optim.clip_norm,
                            cfg.optim.label_smoothing, num_tgt, world.size)
