@@ -38,7 +38,7 @@ def batch(seed: int = 0):
 
 def greedy_states(model, src, src_len, tokens):
     """Run decode_step over given target tokens (B, T); returns log-probs (B, T, V) and attention (B, T, S)."""
-    states = model.init_decode_states(model.encode(src, src_len), max_len=tokens.shape[1])
+    states = model.init_decode_states(model.encode(src, src_len))
     log_probs, attns = [], []
     for t in range(tokens.shape[1]):
         lp, states, attn = model.decode_step(tokens[:, t], states)
@@ -181,7 +181,7 @@ def test_registered_in_models():
 
 def _hand_greedy(model, src, src_len, max_lengths, bos_id: int = 2, eos_id: int = 3):
     """Plain argmax loop over decode_step (EOS forced at each row's cap); returns [(tokens, summed log-prob)]."""
-    states = model.init_decode_states(model.encode(src, src_len), int(max(max_lengths)) + 1)
+    states = model.init_decode_states(model.encode(src, src_len))
     tokens = mx.nd.full((src.shape[0],), bos_id)
     out = [([], 0.0, False) for _ in range(src.shape[0])]
     for t in range(int(max(max_lengths)) + 1):
