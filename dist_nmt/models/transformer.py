@@ -12,8 +12,9 @@ N rows of one decode step (B*K under beam search), F feed-forward dim.
     log_probs, states, attn = model.decode_step(bos_tokens, states)  # (B, V), [...], (B, S)
 
 Post-norm (default, the paper's layout) or pre-norm (`pre_norm`, with a final LayerNorm on each stack).
-Positions are sinusoidal and computed on the fly, so no length table is stored and nothing bounds the length. Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection
-reuses it when `tie_embeddings` (no output bias either way).
+Positions are sinusoidal and computed on the fly, so no length table is stored and nothing bounds the length.
+Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection reuses it when
+`tie_embeddings` (no output bias either way).
 """
 from __future__ import annotations
 
