@@ -304,3 +304,7 @@ def test_beam_one_equals_greedy_and_beam_search_runs(hybridize):
     beams = translate_batch(model, src, src_len, beam_size=3, alpha=0.6, beta=0.2, max_len_a=1.0, max_len_b=2,
                             nbest=3)
     assert all(len(nbest) == 3 and np.isfinite([s for _, s in nbest]).all() for nbest in beams)
+
+
+def test_chunked_attention_with_encoder_init_decodes_like_it_trains():
+    _check_incremental(build(tiny(attention_chunk_units=5, decoder_init="encoder"), hybridize=True))
