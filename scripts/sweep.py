@@ -1,6 +1,6 @@
 """Run one short training per override set and print one JSON line per run (dev BLEU at equal wall time).
 
-    python scripts/sweep.py configs/sweeps/gnmt_30min.yaml --output runs/sweep-gnmt/results.jsonl
+    python scripts/sweep.py scripts/sweeps/gnmt_screen.yaml --output runs/sweep-gnmt/results.jsonl
 
 The sweep file names the base config, the minutes per run, overrides common to every run, and the runs:
 
