@@ -56,7 +56,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Adam with inverse-square-root warmup (Vaswani et al.), global-norm clipping."""
+    """Adam with a linear warmup then `schedule` (see dist_nmt.schedule), global-norm clipping."""
 
     lr: float = 5e-4
     warmup_updates: int = 4000
@@ -67,6 +67,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     label_smoothing: float = 0.1
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | step_decay
+    decay_start_updates: int = 0  # step_decay: first update at the decayed rate (0 = never decay)
+    decay_every_updates: int = 0  # step_decay: decay again every this many updates (0 = only once)
+    decay_factor: float = 0.5  # step_decay: multiplier per decay (GluonNLP's GNMT halves)
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,9 @@ ON_OFF_KEYS = {"model.fused_ops"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.fused_ops": ("auto", "on", "off"),
     "model.arch": MODEL_NAMES,
-    "model.gnmt.attention": ("mlp", "normed_mlp"),
+    "model.gnmt.attention": ("mlp", "normed_mlp", "scaled_luong"),
+    "model.gnmt.decoder_init": ("encoder", "encoder_h", "zeros"),
+    "optim.schedule": ("constant", "inverse_sqrt", "step_decay"),
     "precision.dtype": ("bf16", "fp16", "fp32"),
     "precision.loss_scaling": ("dynamic", "none"),
 }
@@ -163,7 +169,7 @@ POSITIVE = {
     "model.transformer.d_ff", "model.gnmt.hidden_size", "model.gnmt.embed_size", "optim.lr",
 }
 PROBABILITY = {
-    "optim.label_smoothing", "model.transformer.dropout", "model.transformer.attention_dropout",
+    "optim.label_smoothing", "optim.decay_factor", "model.transformer.dropout", "model.transformer.attention_dropout",
     "model.transformer.activation_dropout", "model.gnmt.dropout", "data.character_coverage",
 }
 # Keys whose change makes an existing checkpoint unusable (resume refuses and names them).

@@ -260,7 +260,7 @@ def translate_batch(model, src, src_valid_len, beam_size: int, alpha: float, bet
     """
     src_lengths = src_valid_len.asnumpy().astype(int)
     max_lengths = max_output_lengths(src_lengths, max_len_a, max_len_b)
-    states = model.init_decode_states(model.encode(src, src_valid_len), int(max_lengths.max()) + 1)
+    states = model.init_decode_states(model.encode(src, src_valid_len))
     states = repeat_states(states, beam_size)
     return beam_search(model.decode_step, states, src.shape[0], beam_size, bos_id, eos_id, max_lengths, alpha,
                        beta=beta, src_lengths=src_lengths, nbest=nbest,

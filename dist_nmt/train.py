@@ -116,8 +116,7 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
             break
         progress.update, (progress.epoch, progress.batch_index) = progress.update + 1, position
         mx.random.seed(seed_for(t.seed, progress.update, world.rank))
-        state.trainer.set_learning_rate(lr_at(progress.update, cfg.optim.lr, cfg.optim.warmup_updates,
-                                              cfg.optim.warmup_init_lr))
+        state.trainer.set_learning_rate(lr_at(progress.update, cfg.optim))
         scale = scaler.scale * hooks.loss_scale_factor(progress.update, world.rank)
         stats = train_step(model, state.trainer, batches, ctx, scale, cfg.optim, num_tgt)
         _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)

@@ -58,7 +58,7 @@ def gluonnlp_search(model, src, src_len, beam: int, alpha: float, max_length: in
 
     sampler = BeamSearchSampler(beam_size=beam, decoder=lambda tok, st: model.decode_step(tok, st)[:2],
                                 eos_id=EOS, scorer=BeamSearchScorer(alpha=alpha, K=5), max_length=max_length)
-    states = model.init_decode_states(model.encode(src, src_len), max_length + 1)
+    states = model.init_decode_states(model.encode(src, src_len))
     samples, _, lengths = sampler(mx.nd.full((src.shape[0],), BOS), states)
     samples, lengths = samples.asnumpy().astype(int), lengths.asnumpy().astype(int)
     return [_strip(samples[b, 0, :lengths[b, 0]].tolist()) for b in range(samples.shape[0])]

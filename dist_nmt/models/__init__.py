@@ -8,7 +8,7 @@ Every model is a HybridBlock (hybridizable with `static_alloc=True`) with determ
 
 - `model(src, src_valid_len, tgt_in, tgt_valid_len) -> logits (B, T, V)` for training;
 - `encode(src, src_valid_len) -> list` of batch-first encoder states;
-- `init_decode_states(enc_states, max_len) -> list` of batch-first decoder states;
+- `init_decode_states(enc_states) -> list` of batch-first decoder states;
 - `decode_step(tokens (B,), states) -> (log_probs (B, V), new_states, attn (B, S) or None)`;
 - optionally `static_decode_states`: indices of states shared by all beams of a sentence (beam search then
   skips reordering them).

@@ -1,4 +1,4 @@
-"""GNMT (Wu et al., 2016): bidirectional + residual LSTM encoder, residual LSTM decoder with MLP attention.
+"""GNMT (Wu et al., 2016): bidirectional + residual LSTM encoder, residual LSTM decoder with attention.
 
 Shapes: B batch (B*K under beam search), S source length, T target length, E embedding size, H hidden size,
 A attention units (= H), V vocab. Recurrent layers run time-major: (S, B, H) / (T, B, H).
@@ -7,7 +7,7 @@ A attention units (= H), V vocab. Recurrent layers run time-major: (S, B, H) / (
     model.initialize()
     model.hybridize(static_alloc=True)
     logits = model(src, src_valid_len, tgt_in, tgt_valid_len)        # (B, T, V)
-    states = model.init_decode_states(model.encode(src, src_valid_len), max_len=50)
+    states = model.init_decode_states(model.encode(src, src_valid_len))
     log_probs, states, attn = model.decode_step(bos_tokens, states)  # (B, V), [...], (B, S)
 
 Wiring (layers numbered from 1, as in the paper):
@@ -18,14 +18,19 @@ Wiring (layers numbered from 1, as in the paper):
   (`SequenceReverse` with lengths), so it starts at the true last token: the fused RNN op ignores
   `use_sequence_length` on CPU in MXNet 1.9.1 (measured: the backward outputs of valid positions changed
   with the padding), hence two unidirectional fused LSTMs instead of one bidirectional one.
-- Decoder: layer 1 reads the target embedding; MLP attention (Bahdanau; `normed_mlp` = GNMT's weight-normalised
-  score vector g·v/|v|) is queried with layer 1's output at the same step, and its context is concatenated to
-  the input of every layer above (the TF-NMT `gnmt_v2` wiring). Nothing is fed back from attention into
+- Decoder: layer 1 reads the target embedding; the attention (`attention`: additive `mlp` (Bahdanau),
+  `normed_mlp` (GNMT's weight-normalised score vector g·v/|v|), or multiplicative `scaled_luong`, GluonNLP's
+  default; see `models.attention`) is queried with layer 1's output at the same step, and its context is
+  concatenated to the input of every layer above (the TF-NMT `gnmt_v2` wiring). Nothing is fed back from attention into
   layer 1, so in teacher-forced training every decoder layer is one fused LSTM call over all T steps.
 - Layer l adds its input's hidden part (the previous layer's output) when l >= `residual_from_layer`
   (>= 2: layer 1's input is the embedding). Dropout is applied to every layer's input and to the top output.
-- Decoder states start at zero (the encoder's final states are not passed: with padded batches they would need
-  per-row gathering, and attention already carries the source). Padded target positions get logits exactly 0.
+- Decoder initial states (`decoder_init`): `zeros`, or, as TF-NMT and GluonNLP pass them, decoder layer l starts
+  from encoder layer l's final (h, c) at each row's true last token (`encoder`; a bidirectional layer gives
+  [forward after the last token | backward after the first], H/2 + H/2), or only its final h with c = 0
+  (`encoder_h`). Needs as many encoder as decoder layers. The fused CPU LSTM ignores sequence lengths, so h is
+  read from the outputs and c is recomputed from the gates (`final_states`). Padded target positions get logits
+  exactly 0.
 - Incremental decoding uses `LSTMCell`s holding the very same Parameter objects as the fused layers, and the
   same attention block with T = 1, so stepping reproduces the teacher-forced forward (tested to 1e-5).
 
@@ -35,23 +40,24 @@ Speed notes (2 cores, OMP_NUM_THREADS=2, MXNet 1.9.1 CPU; the machine was shared
   same benchmark); the cores were never idle while measuring, so treat it as a lower bound.
 - One fused LSTM layer (T=25, B=128, H=512) forward + backward: 140 ms vs 254 ms for an unrolled LSTMCell,
   hence fused layers everywhere in training and cells only for incremental decoding.
-- Attention tensors are (B, T, S, A): `F.tanh` there took ~600 ms vs ~55-75 ms for `F.Activation(tanh)`
-  (oneDNN eltwise), and `batch_dot` (probs x values) was erratic (2-1000 ms) where `linalg.gemm2` took 1-4 ms
-  (backward 11 vs 38 ms). Both replaced.
+- Additive attention tensors are (B, T, S, A) (`attention_chunk_units` narrows the temporaries): `F.tanh` there
+  took ~600 ms vs ~55-75 ms for `F.Activation(tanh)` (oneDNN eltwise), and `batch_dot` (probs x values) was
+  erratic (2-1000 ms) where `linalg.gemm2` took 1-4 ms (backward 11 vs 38 ms). Both replaced.
 """
 from __future__ import annotations
 
 import logging
-import math
 
 import mxnet as mx
 from mxnet import gluon, init
 from mxnet.gluon import HybridBlock, nn, rnn
 
+from dist_nmt.models.attention import ADDITIVE_ATTENTION, GNMT_ATTENTION, gnmt_attention
 from dist_nmt.models.hparams import GNMTHParams
 
 logger = logging.getLogger(__name__)
 _FORGET_BIAS = init.LSTMBias(forget_bias=1.0)  # one object: fused layers and their cells must agree on init
+DECODER_INIT = ("encoder", "encoder_h", "zeros")
 
 
 def _check(hp: GNMTHParams) -> None:
@@ -68,8 +74,14 @@ def _check(hp: GNMTHParams) -> None:
     if hp.residual_from_layer < 2:
         raise ValueError(f"residual_from_layer={hp.residual_from_layer} must be >= 2 (layer 1 reads the "
                          "embedding); use a value above the layer count for no residuals")
-    if hp.attention not in ("mlp", "normed_mlp"):
-        raise ValueError(f"unknown attention '{hp.attention}'; choose one of: mlp, normed_mlp")
+    if hp.attention not in GNMT_ATTENTION:
+        raise ValueError(f"unknown attention '{hp.attention}'; choose one of: {', '.join(GNMT_ATTENTION)}")
+    if hp.decoder_init not in DECODER_INIT:
+        raise ValueError(f"unknown decoder_init '{hp.decoder_init}'; choose one of: {', '.join(DECODER_INIT)}")
+    if hp.decoder_init != "zeros" and hp.num_enc_layers != hp.num_dec_layers:
+        raise ValueError(f"decoder_init={hp.decoder_init} maps encoder layer l to decoder layer l, so it needs "
+                         f"num_enc_layers == num_dec_layers (got {hp.num_enc_layers}, {hp.num_dec_layers}); "
+                         "use decoder_init=zeros otherwise")
 
 
 def _residual(layer: int, hp: GNMTHParams) -> bool:
@@ -96,35 +108,41 @@ def _shared_cell(lstm: rnn.LSTM, hidden_size: int, input_size: int) -> rnn.LSTMC
                         i2h_bias_initializer=_FORGET_BIAS)
 
 
-class MLPAttention(HybridBlock):
-    """Additive attention score wᵀ tanh(W_q q + b + k), k = W_k m precomputed once per source
-    (`GNMTModel.key_proj`, so decoding never re-projects the memory).
+def _param(F, param, like):
+    """A Parameter as a graph input of the calling block (symbol when hybridized, array otherwise)."""
+    return param.var() if F is mx.sym else param.data(like.context)
 
-    `normalized` uses w = g·v/|v| with g initialised to 1/√A (GNMT's normalised Bahdanau attention).
-    Masked by per-query source lengths: probabilities are exactly 0 on padding and sum to 1 over valid keys.
+
+def final_states(F, lstm: rnn.LSTM, inp, out, lengths, with_cell: bool = True):
+    """(h, c) of 1-layer fused `lstm` after each row's last valid step: inp (S, B, I), out = lstm(inp) (S, B, U),
+    lengths (B,) >= 1 -> h, c (B, U).
+
+    h is the output at position length-1. The fused op cannot stop at a length, so c is rebuilt from the gates,
+    which depend only on x_t and h_{t-1} = out_{t-1}: given them, c_t = f_t c_{t-1} + i_t g_t is linear, hence
+    c_{L-1} = sum_{t<L} exp(C_{L-1} - C_t) i_t g_t with C_t = sum_{u<=t} log f_u (a prefix sum, one GEMM with a
+    triangular matrix; exponents are <= 0, so nothing overflows). Costs about one more pass of the layer's GEMMs.
     """
-
-    def __init__(self, units: int, normalized: bool, prefix: str | None = None):
-        super().__init__(prefix=prefix)
-        self.normalized = normalized
-        with self.name_scope():
-            self.query_proj = nn.Dense(units, flatten=False, in_units=units, prefix="query_")
-            self.v = self.params.get("v", shape=(1, units), init=init.Xavier(rnd_type="uniform", magnitude=3))
-            if normalized:
-                self.g = self.params.get("g", shape=(1,), init=init.Constant(1.0 / math.sqrt(units)))
-
-    def hybrid_forward(self, F, query, keys, values, lengths, v, g=None):
-        """query (B, T, H), keys (B, S, A), values (B, S, H), lengths (B, T) -> ctx (B, T, H), probs (B, T, S)."""
-        q = self.query_proj(query)  # (B, T, A)
-        hidden = F.broadcast_add(F.expand_dims(q, axis=2), F.expand_dims(keys, axis=1))  # (B, T, S, A)
-        hidden = F.Activation(hidden, act_type="tanh")  # oneDNN eltwise: ~10x faster than F.tanh on CPU
-        if self.normalized:
-            v = F.broadcast_mul(v, F.reshape(g / F.sqrt(F.sum(F.square(v))), shape=(1, 1)))
-        scores = F.FullyConnected(hidden, weight=v, no_bias=True, num_hidden=1, flatten=False)  # (B, T, S, 1)
-        scores = F.reshape(scores, shape=(0, 0, -1))  # (B, T, S)
-        lengths = F.cast(F.clip(lengths, 1, 1e9), dtype="int32")  # dummy rows (length 0) stay finite
-        probs = F.softmax(scores, length=lengths, use_length=True, axis=-1)
-        return F.linalg.gemm2(probs, values), probs  # (B, T, H), (B, T, S)
+    h = F.SequenceLast(out, sequence_length=lengths, use_sequence_length=True)  # (B, U)
+    if not with_cell:
+        return h, F.zeros_like(h)
+    units = lstm._hidden_size
+    h_prev = F.slice_axis(F.concat(F.zeros_like(F.slice_axis(out, axis=0, begin=0, end=1)), out, dim=0),
+                          axis=0, begin=0, end=-1)  # (S, B, U): h_{t-1}, zeros first
+    gates = (F.FullyConnected(inp, _param(F, lstm.l0_i2h_weight, inp), _param(F, lstm.l0_i2h_bias, inp),
+                              num_hidden=4 * units, flatten=False)
+             + F.FullyConnected(h_prev, _param(F, lstm.l0_h2h_weight, inp), _param(F, lstm.l0_h2h_bias, inp),
+                                num_hidden=4 * units, flatten=False))  # (S, B, 4U), gate order i, f, g, o
+    i, f, g, _ = F.split(gates, num_outputs=4, axis=2)  # 4 x (S, B, U)
+    log_f = -F.Activation(-f, act_type="softrelu")  # log sigmoid(f), stable
+    ig = F.Activation(i, act_type="sigmoid") * F.Activation(g, act_type="tanh")  # (S, B, U)
+    pos = F.contrib.arange_like(log_f, axis=0)  # (S,)
+    lower = F.broadcast_greater_equal(F.reshape(pos, shape=(-1, 1)), F.reshape(pos, shape=(1, -1)))  # (S, S)
+    prefix = F.reshape_like(F.linalg.gemm2(lower, F.reshape(log_f, shape=(0, -1))), log_f)  # C_t (S, B, U)
+    last = F.SequenceLast(prefix, sequence_length=lengths, use_sequence_length=True)  # C_{L-1} (B, U)
+    decay = F.broadcast_sub(F.expand_dims(last, axis=0), prefix)  # (S, B, U)
+    # Steps t >= L get exponent -1e4 (weight exactly 0, zero gradient) instead of a positive one.
+    decay = F.SequenceMask(decay, sequence_length=lengths, use_sequence_length=True, value=-1e4)
+    return h, F.sum(F.exp(decay) * ig, axis=0)  # (B, U)
 
 
 class GNMTEncoder(HybridBlock):
@@ -145,20 +163,30 @@ class GNMTEncoder(HybridBlock):
                     self.layers.add(_fused_lstm(hp.hidden_size, input_size, f"layer{i}_"))
 
     def hybrid_forward(self, F, src, src_valid_len):
-        """src (B, S) token ids, src_valid_len (B,) -> memory (B, S, H); padded positions hold junk."""
-        hp = self.hp
+        """src (B, S) token ids, src_valid_len (B,) -> [memory (B, S, H), then unless decoder_init is zeros the
+        final h, c (B, H) of every layer]; padded memory positions hold junk."""
+        hp, finals = self.hp, []
+        lengths = F.clip(src_valid_len, 1, 1e9)  # dummy rows (length 0) read one step
         x = self.embed(F.transpose(src))  # (S, B, E)
         for i in range(hp.num_enc_layers):
             inp = _dropout(F, x, hp.dropout)
             if i < hp.num_bi_layers:
                 fwd, bwd = self.layers[2 * i], self.layers[2 * i + 1]
                 rev = F.SequenceReverse(inp, sequence_length=src_valid_len, use_sequence_length=True)
-                out_bwd = F.SequenceReverse(bwd(rev), sequence_length=src_valid_len, use_sequence_length=True)
-                out = F.concat(fwd(inp), out_bwd, dim=2)  # (S, B, H)
+                out_fwd, out_rev = fwd(inp), bwd(rev)  # (S, B, H/2) each; out_rev in reversed order
+                out = F.concat(out_fwd, F.SequenceReverse(out_rev, sequence_length=src_valid_len,
+                                                          use_sequence_length=True), dim=2)  # (S, B, H)
+                if hp.decoder_init != "zeros":  # forward after the last token, backward after the first
+                    pairs = [final_states(F, fwd, inp, out_fwd, lengths, hp.decoder_init == "encoder"),
+                             final_states(F, bwd, rev, out_rev, lengths, hp.decoder_init == "encoder")]
+                    finals += [F.concat(pairs[0][k], pairs[1][k], dim=1) for k in (0, 1)]  # h, c (B, H)
             else:
-                out = self.layers[hp.num_bi_layers + i](inp)  # (S, B, H)
+                layer = self.layers[hp.num_bi_layers + i]
+                out = layer(inp)  # (S, B, H)
+                if hp.decoder_init != "zeros":
+                    finals += final_states(F, layer, inp, out, lengths, hp.decoder_init == "encoder")
             x = out + x if _residual(i, hp) else out
-        return F.swapaxes(x, 0, 1)  # (B, S, H)
+        return [F.swapaxes(x, 0, 1)] + finals  # memory (B, S, H)
 
 
 class GNMTDecoder(HybridBlock):
@@ -169,28 +197,35 @@ class GNMTDecoder(HybridBlock):
         self.hp = hp
         with self.name_scope():
             self.embed, self.proj = embed, proj
-            self.attention = MLPAttention(hp.hidden_size, hp.attention == "normed_mlp", prefix="att_")
+            self.attention = gnmt_attention(hp.attention, hp.hidden_size, hp.attention_chunk_units, prefix="att_")
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_dec_layers):
                 input_size = hp.embed_size if i == 0 else 2 * hp.hidden_size
                 self.layers.add(_fused_lstm(hp.hidden_size, input_size, f"layer{i}_"))
 
-    def hybrid_forward(self, F, tgt_in, tgt_valid_len, memory, keys, src_valid_len):
-        """tgt_in (B, T), tgt_valid_len (B,), memory (B, S, H), keys (B, S, A), src_valid_len (B,)
-        -> logits (B, T, V), attention probs (B, T, S)."""
+    def hybrid_forward(self, F, tgt_in, tgt_valid_len, memory, keys, src_valid_len, *init_states):
+        """tgt_in (B, T), tgt_valid_len (B,), memory (B, S, H), keys (B, S, A), src_valid_len (B,), optional
+        initial h, c (B, H) per layer -> logits (B, T, V), attention probs (B, T, S)."""
         hp = self.hp
-        x = self.layers[0](_dropout(F, self.embed(F.transpose(tgt_in)), hp.dropout))  # (T, B, H)
+        x = self._layer(F, 0, _dropout(F, self.embed(F.transpose(tgt_in)), hp.dropout), init_states)  # (T, B, H)
         query = F.swapaxes(x, 0, 1)  # (B, T, H)
         lengths = F.broadcast_like(F.reshape(src_valid_len, shape=(-1, 1)), query, lhs_axes=(1,), rhs_axes=(1,))
         ctx, probs = self.attention(query, keys, memory, lengths)  # (B, T, H), (B, T, S)
         ctx = F.swapaxes(ctx, 0, 1)  # (T, B, H)
         for i in range(1, hp.num_dec_layers):
-            out = self.layers[i](_dropout(F, F.concat(x, ctx, dim=2), hp.dropout))  # (T, B, H)
+            out = self._layer(F, i, _dropout(F, F.concat(x, ctx, dim=2), hp.dropout), init_states)  # (T, B, H)
             x = out + x if _residual(i, hp) else out
         x = F.swapaxes(x, 0, 1)  # (B, T, H)
         # Zero padded positions so their logits are exactly 0 (finite) whatever the inputs there.
         x = F.SequenceMask(x, sequence_length=tgt_valid_len, use_sequence_length=True, axis=1)
         return self.proj(_dropout(F, x, hp.dropout)), probs  # (B, T, V)
+
+    def _layer(self, F, i: int, inp, init_states):
+        """Fused layer i over inp (T, B, I), from zeros or from init_states[2i], [2i+1] (B, H)."""
+        if not init_states:
+            return self.layers[i](inp)
+        out, _ = self.layers[i](inp, [F.expand_dims(init_states[2 * i + k], axis=0) for k in (0, 1)])
+        return out
 
 
 class GNMTDecoderStep(HybridBlock):
@@ -245,27 +280,32 @@ class GNMTModel(HybridBlock):
                 self.proj = nn.Dense(vocab_size, flatten=False, use_bias=False, in_units=hp.hidden_size,
                                      prefix="proj_")
             self.encoder = GNMTEncoder(hp, self.embed, prefix="enc_")
+            # Additive attention projects the memory once per source; scaled_luong uses it as it is.
             self.key_proj = nn.Dense(hp.hidden_size, flatten=False, use_bias=False, in_units=hp.hidden_size,
-                                     prefix="dec_att_key_")
+                                     prefix="dec_att_key_") if hp.attention in ADDITIVE_ATTENTION else None
             self.decoder = GNMTDecoder(hp, self.embed, self.proj, prefix="dec_")
             self.step_block = GNMTDecoderStep(self.decoder, prefix="step_")
 
     def hybrid_forward(self, F, src, src_valid_len, tgt_in, tgt_valid_len):
         """src (B, S), src_valid_len (B,), tgt_in (B, T), tgt_valid_len (B,) -> logits (B, T, V) float32."""
-        memory = self.encoder(src, src_valid_len)  # (B, S, H)
-        logits, _ = self.decoder(tgt_in, tgt_valid_len, memory, self.key_proj(memory), src_valid_len)
+        memory, *finals = self.encoder(src, src_valid_len)  # (B, S, H), h/c (B, H) per layer
+        logits, _ = self.decoder(tgt_in, tgt_valid_len, memory, self._keys(memory), src_valid_len, *finals)
         return logits
 
+    def _keys(self, memory):
+        return self.key_proj(memory) if self.key_proj is not None else memory  # (B, S, A)
+
     def encode(self, src, src_valid_len) -> list:
-        """Encoder states [memory (B, S, H), attention keys (B, S, A), src_valid_len (B,)], batch-first."""
-        memory = self.encoder(src, src_valid_len)
-        return [memory, self.key_proj(memory), src_valid_len.astype("float32")]
+        """Encoder states [memory (B, S, H), attention keys (B, S, A), src_valid_len (B,), then unless
+        decoder_init is zeros the final h, c (B, H) per layer], batch-first."""
+        memory, *finals = self.encoder(src, src_valid_len)
+        return [memory, self._keys(memory), src_valid_len.astype("float32")] + list(finals)
 
-    def init_decode_states(self, enc_states: list, max_len: int) -> list:
-        """[memory, keys, src_valid_len, then h (B, H), c (B, H) per decoder layer, all zero].
-
-        Cell states are already batch-first; `max_len` is not needed (nothing grows with the target).
-        """
+    def init_decode_states(self, enc_states: list) -> list:
+        """[memory, keys, src_valid_len, then h (B, H), c (B, H) per decoder layer]: the encoder's final states,
+        or zeros when decoder_init is zeros. Everything is batch-first; nothing grows with the target."""
+        if self.hp.decoder_init != "zeros":
+            return list(enc_states)
         memory = enc_states[0]
         zeros = mx.nd.zeros((memory.shape[0], self.hp.hidden_size), ctx=memory.context)
         return list(enc_states) + [zeros] * (2 * self.hp.num_dec_layers)

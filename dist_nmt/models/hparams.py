@@ -22,7 +22,6 @@ class TransformerHParams:
     activation_dropout: float = 0.0
     pre_norm: bool = False
     tie_embeddings: bool = True
-    max_positions: int = 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,8 @@ class GNMTHParams:
     embed_size: int = 512
     num_bi_layers: int = 1
     residual_from_layer: int = 3
-    attention: str = "normed_mlp"
+    attention: str = "normed_mlp"  # mlp | normed_mlp (additive) | scaled_luong (multiplicative, GluonNLP's default)
     dropout: float = 0.2
     tie_embeddings: bool = True
+    decoder_init: str = "zeros"  # zeros | encoder (final h, c per layer) | encoder_h (final h, c = 0)
+    attention_chunk_units: int = 0  # additive attention: score over slices of this many units (0 = all at once)

@@ -8,13 +8,13 @@ N rows of one decode step (B*K under beam search), F feed-forward dim.
     model.initialize()
     model.hybridize(static_alloc=True)
     logits = model(src, src_valid_len, tgt_in, tgt_valid_len)        # (B, T, V)
-    states = model.init_decode_states(model.encode(src, src_valid_len), max_len=50)
+    states = model.init_decode_states(model.encode(src, src_valid_len))
     log_probs, states, attn = model.decode_step(bos_tokens, states)  # (B, V), [...], (B, S)
 
 Post-norm (default, the paper's layout) or pre-norm (`pre_norm`, with a final LayerNorm on each stack).
-Positions are sinusoidal and computed on the fly, so no length table is stored (`max_positions` bounds
-nothing here). Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection
-reuses it when `tie_embeddings` (no output bias either way).
+Positions are sinusoidal and computed on the fly, so no length table is stored and nothing bounds the length.
+Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection reuses it when
+`tie_embeddings` (no output bias either way).
 
 `fused_ops=True` (the library loaded by `dist_nmt.ops`) runs residual-add + dropout + LayerNorm and the attention
 core as fused CPU ops during training and teacher-forced forward; parameters and their names are the same either
@@ -346,11 +346,11 @@ class TransformerModel(HybridBlock):
         """Encoder states [memory (B, S, D), src_valid_len (B,)], batch-first."""
         return [self.encoder(src, src_valid_len), src_valid_len]
 
-    def init_decode_states(self, enc_states: list, max_len: int) -> list:
+    def init_decode_states(self, enc_states: list) -> list:
         """[step (B,), src_valid_len (B,), mem k/v per layer (B, H, S, d_k), self k/v per layer (B, H, 1, d_k)].
 
-        The self-attention caches start with one masked dummy slot and grow by one slot per step, so
-        `max_len` is not needed to size them. All states are batch-first.
+        The self-attention caches start with one masked dummy slot and grow by one slot per step (no length
+        bound needed). All states are batch-first.
         """
         mem, src_valid_len = enc_states
         hp, batch = self.hp, mem.shape[0]

@@ -1,12 +1,22 @@
-"""Attention primitives against a plain numpy reference."""
+"""Attention primitives against a plain numpy reference; GNMT attention variants against each other."""
 from __future__ import annotations
 
 import math
 
 import mxnet as mx
 import numpy as np
+import pytest
 
-from dist_nmt.models.attention import SelfAttention, attend, head_lengths, merge_heads, split_heads
+from dist_nmt.models.attention import (
+    LuongAttention,
+    MLPAttention,
+    SelfAttention,
+    attend,
+    gnmt_attention,
+    head_lengths,
+    merge_heads,
+    split_heads,
+)
 
 
 def numpy_attention(q, k, v, lengths):
@@ -56,3 +66,69 @@ def test_self_attention_step_with_cache_equals_causal_attention():
         out, k_cache, v_cache = attn.step(mx.nd, x[:, t], k_cache, v_cache, step_lengths)
         np.testing.assert_allclose(out.asnumpy(), full[:, t], atol=1e-5)
     assert k_cache.shape == (6, 5, 4)  # 4 steps + the masked dummy slot
+
+
+def _gnmt_inputs(seed: int = 0, b: int = 3, t: int = 5, s: int = 6, h: int = 16):
+    rng = np.random.RandomState(seed)
+    query, keys, values = (mx.nd.array(rng.randn(b, n, h)) for n in (t, s, s))
+    lengths = mx.nd.array(np.repeat([[6], [3], [0]], t, axis=1))  # full, padded, dummy row
+    return query, keys, values, lengths
+
+
+def _run_with_grads(block, inputs):
+    for x in inputs[:3]:
+        x.attach_grad()
+    with mx.autograd.record():
+        ctx, probs = block(*inputs)
+        loss = (ctx * ctx).sum() + (probs * mx.nd.arange(probs.shape[-1])).sum()
+    loss.backward()
+    grads = [x.grad.asnumpy() for x in inputs[:3]] + [p.grad().asnumpy() for p in block.collect_params().values()]
+    return ctx.asnumpy(), probs.asnumpy(), grads
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_chunked_additive_score_has_the_same_values_and_gradients(normalized, hybridize):
+    results = []
+    for chunk in (0, 4, 5):  # 5 leaves a narrower last slice (16 = 5 + 5 + 5 + 1)
+        mx.random.seed(1)
+        block = MLPAttention(16, normalized, chunk_units=chunk, prefix="att_")
+        block.initialize(mx.init.Uniform(0.5))
+        if hybridize:
+            block.hybridize(static_alloc=True)
+        results.append(_run_with_grads(block, _gnmt_inputs()))
+    for ctx, probs, grads in results[1:]:
+        np.testing.assert_allclose(ctx, results[0][0], atol=1e-5)
+        np.testing.assert_allclose(probs, results[0][1], atol=1e-6)
+        for got, want in zip(grads, results[0][2], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_scaled_luong_matches_numpy_and_masks_padding():
+    mx.random.seed(2)
+    block = LuongAttention(16, prefix="att_")
+    block.initialize()
+    query, keys, values, lengths = _gnmt_inputs()
+    ctx, probs = block(query, keys, values, lengths)
+    w = block.query_proj.weight.data().asnumpy()
+    q = query.asnumpy() @ w.T  # (B, T, A)
+    valid = np.maximum(lengths.asnumpy(), 1)  # a dummy row attends to its first key
+    expected = numpy_attention(q, keys.asnumpy(), values.asnumpy(), valid)  # scores / √A, as in scaled_luong
+    np.testing.assert_allclose(ctx.asnumpy(), expected, atol=1e-5)
+    assert np.all(probs.asnumpy()[1, :, 3:] == 0)
+    np.testing.assert_allclose(probs.asnumpy().sum(-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "normed_mlp", "scaled_luong"])
+def test_one_query_at_a_time_equals_all_queries(kind):
+    block = gnmt_attention(kind, 16, chunk_units=8, prefix="att_")
+    block.initialize(mx.init.Uniform(0.5))
+    block.hybridize(static_alloc=True)
+    query, keys, values, lengths = _gnmt_inputs()
+    ctx, probs = block(query, keys, values, lengths)
+    for t in range(query.shape[1]):
+        ctx_t, probs_t = block(query[:, t:t + 1], keys, values, lengths[:, t:t + 1])
+        np.testing.assert_allclose(ctx_t.asnumpy()[:, 0], ctx.asnumpy()[:, t], atol=1e-5)
+        np.testing.assert_allclose(probs_t.asnumpy()[:, 0], probs.asnumpy()[:, t], atol=1e-6)
+    with pytest.raises(ValueError, match="choose one of: mlp, normed_mlp, scaled_luong"):
+        gnmt_attention("dot", 16)

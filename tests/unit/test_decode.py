@@ -159,7 +159,7 @@ def test_beam_one_equals_greedy_on_a_tiny_transformer():
     model.initialize()
     src = mx.nd.array(np.random.RandomState(0).randint(4, 20, size=(3, 6)))
     src_len = mx.nd.array([6, 4, 2])
-    states = model.init_decode_states(model.encode(src, src_len), 8)
+    states = model.init_decode_states(model.encode(src, src_len))
     greedy = greedy_search(model.decode_step, states, 3, BOS, EOS, [8, 8, 8])
     beam = translate_batch(model, src, src_len, beam_size=1, alpha=0.0, beta=0.0, max_len_a=0.0, max_len_b=8)
     assert [b[0][0] for b in beam] == [g[0] for g in greedy]

@@ -1,15 +1,19 @@
 """GNMT model contract: incremental decoding equals teacher forcing, masking, residual wiring, names, presets."""
 from __future__ import annotations
 
+import dataclasses
+
 import mxnet as mx
 import numpy as np
 import pytest
 
 from dist_nmt.config import load_config
-from dist_nmt.models.gnmt import GNMTModel
+from dist_nmt.models.gnmt import GNMTModel, final_states
 from dist_nmt.models.hparams import GNMTHParams
 
 VOCAB = 40
+ATTENTIONS = ["mlp", "normed_mlp", "scaled_luong"]
+DECODER_INITS = ["zeros", "encoder", "encoder_h"]
 
 
 def tiny(**overrides) -> GNMTHParams:
@@ -38,7 +42,7 @@ def batch(seed: int = 0):
 
 def greedy_states(model, src, src_len, tokens):
     """Run decode_step over given target tokens (B, T); returns log-probs (B, T, V) and attention (B, T, S)."""
-    states = model.init_decode_states(model.encode(src, src_len), max_len=tokens.shape[1])
+    states = model.init_decode_states(model.encode(src, src_len))
     log_probs, attns = [], []
     for t in range(tokens.shape[1]):
         lp, states, attn = model.decode_step(tokens[:, t], states)
@@ -48,9 +52,14 @@ def greedy_states(model, src, src_len, tokens):
 
 
 @pytest.mark.parametrize("hybridize", [False, True])
-@pytest.mark.parametrize("attention", ["mlp", "normed_mlp"])
-def test_incremental_decode_equals_teacher_forcing(hybridize, attention):
-    model = build(tiny(attention=attention), hybridize=hybridize)
+@pytest.mark.parametrize("decoder_init", DECODER_INITS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_incremental_decode_equals_teacher_forcing(hybridize, attention, decoder_init):
+    model = build(tiny(attention=attention, decoder_init=decoder_init), hybridize=hybridize)
+    _check_incremental(model)
+
+
+def _check_incremental(model):
     src, src_len, tgt, tgt_len = batch()
     logits = model(src, src_len, tgt, tgt_len)
     assert logits.shape == (3, 6, VOCAB) and logits.dtype == np.float32
@@ -60,8 +69,10 @@ def test_incremental_decode_equals_teacher_forcing(hybridize, attention):
         np.testing.assert_allclose(inc.asnumpy()[row, :length], ref[row, :length], atol=1e-5)
 
 
-def test_padding_does_not_change_outputs():
-    model = build(tiny(), hybridize=True)
+@pytest.mark.parametrize("decoder_init", DECODER_INITS)
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_padding_does_not_change_outputs(attention, decoder_init):
+    model = build(tiny(attention=attention, decoder_init=decoder_init), hybridize=True)
     src, src_len, tgt, tgt_len = batch()
     logits = model(src, src_len, tgt, tgt_len).asnumpy()
     junk = src.copy()
@@ -73,8 +84,9 @@ def test_padding_does_not_change_outputs():
     assert np.all(logits[1, 3:] == 0), "padded target positions must give zero logits"
 
 
-def test_dummy_rows_are_finite_with_gradients():
-    model = build(tiny(dropout=0.1), hybridize=True)
+@pytest.mark.parametrize("attention,decoder_init", [("normed_mlp", "zeros"), ("scaled_luong", "encoder")])
+def test_dummy_rows_are_finite_with_gradients(attention, decoder_init):
+    model = build(tiny(dropout=0.1, attention=attention, decoder_init=decoder_init), hybridize=True)
     src, src_len, tgt, tgt_len = batch()
     with mx.autograd.record():
         logits = model(src, src_len, tgt, tgt_len)
@@ -102,6 +114,9 @@ def test_parameter_names_are_deterministic_and_shapes_known_before_forward():
     assert "gnmt_proj_weight" not in first, "tied projection reuses the embedding"
     untied = build(tiny(tie_embeddings=False, attention="mlp")).collect_params()
     assert untied["gnmt_proj_weight"].shape == (VOCAB, 16) and "gnmt_dec_att_g" not in untied
+    luong = build(tiny(attention="scaled_luong")).collect_params()
+    assert "gnmt_dec_att_query_weight" in luong and "gnmt_dec_att_query_bias" not in luong
+    assert not any(name.startswith("gnmt_dec_att_key") or name == "gnmt_dec_att_v" for name in luong)
 
 
 def test_parameter_shapes_follow_the_wiring():
@@ -124,7 +139,7 @@ def test_attention_sums_to_one_over_valid_source():
 
 
 def _memory_and_keys(model, src, src_len):
-    memory, keys, _ = model.encode(src, src_len)
+    memory, keys, _ = model.encode(src, src_len)[:3]
     return memory, keys
 
 
@@ -156,10 +171,87 @@ def test_residual_from_layer_is_respected():
 
 
 @pytest.mark.parametrize("field,value", [("residual_from_layer", 1), ("hidden_size", 15), ("num_bi_layers", 4),
-                                         ("num_dec_layers", 1), ("attention", "dot")])
+                                         ("num_dec_layers", 1), ("attention", "dot"), ("decoder_init", "mean")])
 def test_invalid_sizes_raise(field, value):
     with pytest.raises(ValueError, match=field):
         GNMTModel(tiny(**{field: value}), VOCAB)
+
+
+def test_encoder_init_needs_matching_layer_counts():
+    with pytest.raises(ValueError, match="num_enc_layers == num_dec_layers.*decoder_init=zeros"):
+        GNMTModel(tiny(num_dec_layers=2, decoder_init="encoder"), VOCAB)
+
+
+def _lstm_alone(lstm, x):
+    """Final (h, c) of `lstm` over an unpadded sequence x (S, 1, I): the fused op's own state outputs."""
+    _, (h, c) = lstm(x, lstm.begin_state(batch_size=1))
+    return h[0, 0].asnumpy(), c[0, 0].asnumpy()
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_final_states_equal_an_unpadded_run_per_row(hybridize):
+    from mxnet.gluon import HybridBlock, rnn
+
+    class Finals(HybridBlock):
+        def __init__(self):
+            super().__init__(prefix="f_")
+            with self.name_scope():
+                self.lstm = rnn.LSTM(6, num_layers=1, layout="TNC", input_size=4, prefix="lstm_")
+
+        def hybrid_forward(self, F, x, lengths):
+            return final_states(F, self.lstm, x, self.lstm(x), lengths)
+
+    mx.random.seed(0)
+    block = Finals()
+    block.initialize(mx.init.Uniform(1.0))  # large weights: saturated gates, cell values well past 1
+    if hybridize:
+        block.hybridize(static_alloc=True)
+    x = mx.nd.random.normal(shape=(7, 3, 4)) * 3
+    h, c = block(x, mx.nd.array([7, 4, 1]))
+    for row, length in enumerate([7, 4, 1]):
+        h_ref, c_ref = _lstm_alone(block.lstm, x[:length, row:row + 1])
+        np.testing.assert_allclose(h[row].asnumpy(), h_ref, atol=1e-5)
+        np.testing.assert_allclose(c[row].asnumpy(), c_ref, rtol=1e-4, atol=1e-5)
+    assert np.abs(c.asnumpy()).max() > 1.5, "test should reach cell values that tanh(h) could not recover"
+
+
+def test_decoder_starts_from_each_encoder_layers_true_final_state():
+    model = build(tiny(decoder_init="encoder"))
+    src, src_len, _, _ = batch()
+    enc = model.encode(src, src_len)
+    finals = [a.asnumpy() for a in enc[3:]]  # h, c per layer (B, H)
+    assert len(finals) == 6 and all(f.shape == (3, 16) for f in finals)
+    row, length = 1, 4
+    x = model.embed(src[row:row + 1, :length].T)  # (S, 1, E) unpadded
+    layers = model.encoder.layers
+    h_fwd, c_fwd = _lstm_alone(layers[0], x)
+    h_bwd, c_bwd = _lstm_alone(layers[1], x[::-1])  # backward direction: after reading the first token
+    np.testing.assert_allclose(finals[0][row], np.concatenate([h_fwd, h_bwd]), atol=1e-5)
+    np.testing.assert_allclose(finals[1][row], np.concatenate([c_fwd, c_bwd]), atol=1e-5)
+    states = model.init_decode_states(enc)
+    assert len(states) == 3 + 6 and states[3] is enc[3]
+    h_only = build(tiny(decoder_init="encoder_h")).encode(src, src_len)
+    np.testing.assert_allclose(h_only[3].asnumpy(), finals[0], atol=1e-6)
+    assert np.all(h_only[4].asnumpy() == 0)
+    src, src_len, tgt, tgt_len = batch()  # same parameters (same seed), only the initial states differ
+    from_zeros = build(tiny())(src, src_len, tgt, tgt_len).asnumpy()
+    assert np.abs(model(src, src_len, tgt, tgt_len).asnumpy()[:2] - from_zeros[:2]).max() > 1e-3
+
+
+def test_deep_preset_with_residuals_from_layer_3_decodes_like_it_trains():
+    """gnmt_4x1024's wiring (4+4 layers, 1 bidirectional, residuals from layer 3) at small sizes."""
+    from dist_nmt.decode import translate_batch
+
+    preset = load_config("configs/models/gnmt_4x1024.yaml", ["train.max_updates=1"]).model.gnmt
+    assert (preset.num_enc_layers, preset.num_dec_layers, preset.residual_from_layer) == (4, 4, 3)
+    for decoder_init in ("zeros", "encoder"):
+        hp = dataclasses.replace(preset, hidden_size=16, embed_size=16, dropout=0.0, decoder_init=decoder_init)
+        model = build(hp, hybridize=True)
+        _check_incremental(model)
+        src, src_len, _, _ = batch()
+        hyps = translate_batch(model, src, src_len, beam_size=3, alpha=1.0, beta=0.2, max_len_a=1.0, max_len_b=2,
+                               nbest=2)
+        assert all(len(h) == 2 and h[0][1] >= h[1][1] and np.isfinite(h[0][1]) for h in hyps)
 
 
 @pytest.mark.parametrize("preset", ["gnmt_tiny", "gnmt_2x512", "gnmt_4x1024"])
@@ -181,7 +273,7 @@ def test_registered_in_models():
 
 def _hand_greedy(model, src, src_len, max_lengths, bos_id: int = 2, eos_id: int = 3):
     """Plain argmax loop over decode_step (EOS forced at each row's cap); returns [(tokens, summed log-prob)]."""
-    states = model.init_decode_states(model.encode(src, src_len), int(max(max_lengths)) + 1)
+    states = model.init_decode_states(model.encode(src, src_len))
     tokens = mx.nd.full((src.shape[0],), bos_id)
     out = [([], 0.0, False) for _ in range(src.shape[0])]
     for t in range(int(max(max_lengths)) + 1):
@@ -212,3 +304,7 @@ def test_beam_one_equals_greedy_and_beam_search_runs(hybridize):
     beams = translate_batch(model, src, src_len, beam_size=3, alpha=0.6, beta=0.2, max_len_a=1.0, max_len_b=2,
                             nbest=3)
     assert all(len(nbest) == 3 and np.isfinite([s for _, s in nbest]).all() for nbest in beams)
+
+
+def test_chunked_attention_with_encoder_init_decodes_like_it_trains():
+    _check_incremental(build(tiny(attention_chunk_units=5, decoder_init="encoder"), hybridize=True))

@@ -223,7 +223,7 @@ def test_fused_model_forward_equals_unfused_and_incremental_decoding(pre_norm):
     full_len = mx.nd.full((3,), tgt_in.shape[1])
     logits = fused(src, src_len, tgt_in, full_len)  # inference: no dropout on either path
     np.testing.assert_allclose(logits.asnumpy(), plain(src, src_len, tgt_in, full_len).asnumpy(), atol=2e-5)
-    states = fused.init_decode_states(fused.encode(src, src_len), max_len=tgt_in.shape[1])
+    states = fused.init_decode_states(fused.encode(src, src_len))
     steps = []
     for t in range(tgt_in.shape[1]):
         log_probs, states, _ = fused.decode_step(tgt_in[:, t], states)

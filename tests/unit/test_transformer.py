@@ -38,7 +38,7 @@ def batch(seed: int = 0):
 
 
 def incremental_log_probs(model, src, src_len, tgt):
-    states = model.init_decode_states(model.encode(src, src_len), max_len=tgt.shape[1])
+    states = model.init_decode_states(model.encode(src, src_len))
     steps = []
     for t in range(tgt.shape[1]):
         log_probs, states, attn = model.decode_step(tgt[:, t], states)
