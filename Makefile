@@ -7,7 +7,7 @@ CONFIG ?= configs/multi30k.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap train prepare test test-slow test-slurm test-all lint bench clean
+.PHONY: bootstrap train prepare test test-kill test-slow test-slurm test-all lint bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -20,6 +20,9 @@ train: prepare
 
 test: bootstrap
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-kill: bootstrap
+	$(PY) -m pytest -q -s -m slow -k kill_campaign_long $(PYTEST_ARGS) tests/integration/test_faults.py
 
 test-slurm: bootstrap
 	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS) tests
