@@ -93,7 +93,7 @@ CONFIG_CASES = {
     "probability": (["model.transformer.dropout=1.5"], 2, "model.transformer.dropout"),
     "not_a_section": (["train.max_updates.x=1"], 2, "max_updates"),
     "fp16_on_cpu": (["precision.dtype=fp16"], 1, "fp16"),
-    "data_shards": (["train.data_shards=3"], 2, "train.data_shards"),
+    "accum_steps": (["train.accum_steps=0"], 2, "train.accum_steps"),
 }
 
 
