@@ -59,8 +59,9 @@ def _load_run(run_dir: Path, params: str | None) -> tuple[Config, Vocab, mx.gluo
     try:
         model.load_parameters(params, ctx=mx.cpu())
     except (mx.base.MXNetError, AssertionError, ValueError) as err:
+        reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1:] or ["unreadable"]
         raise CheckpointError(f"{params}: not parameters of this run's {cfg.model.arch} model "
-                              f"({str(err).splitlines()[0][:200]}); pass the model.params of this run") from None
+                              f"({reason[0][:200]}); pass the model.params of this run") from None
     log.info("loaded %s", params)
     return cfg, vocab, model
 
