@@ -8,7 +8,7 @@ CONFIG ?= configs/multi30k.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap ops train prepare test test-slow test-slurm test-all lint bench clean
+.PHONY: bootstrap ops train prepare test test-kill test-slow test-slurm test-all lint bench clean
 
 bootstrap:  # GPU=1: CUDA MXNet wheel + Horovod with NCCL
 	@GPU=$(GPU) bash scripts/bootstrap.sh
@@ -24,6 +24,9 @@ train: prepare
 
 test: bootstrap
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-kill: bootstrap
+	$(PY) -m pytest -q -s -m slow -k kill_campaign_long $(PYTEST_ARGS) tests/integration/test_faults.py
 
 test-slurm: bootstrap
 	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS) tests

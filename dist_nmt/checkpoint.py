@@ -7,7 +7,9 @@ Layout of one checkpoint directory `checkpoints/ckpt-00001000/`:
                     best BLEU, config hash and flattened config
   MANIFEST.json     sha256 of the three files above; written last, so a checkpoint without it is incomplete
 
-`checkpoints/best/` holds the best-by-BLEU checkpoint in the same layout.
+`checkpoints/best/` holds the best-by-BLEU checkpoint in the same layout. A checkpoint that fails verification is
+never deleted: it is renamed `<name>.corrupt-<unix time>` (kept for inspection) and rewritten when training reaches
+that update again; a corrupt `best/` falls back to the verified checkpoint with the highest recorded BLEU.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from typing import Any
 import mxnet as mx
 
 from dist_nmt import distributed
-from dist_nmt.config import Config, config_hash, flatten, shape_diff
+from dist_nmt.config import Config, config_hash, flatten, harmless_diff, shape_diff
+from dist_nmt.data.identity import refuse_data_change
 from dist_nmt.errors import CheckpointError, TrainingError
+from dist_nmt.runlock import remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +116,19 @@ class Checkpointer:
     `cfg`, the run's config, is stored in every checkpoint (flattened, with its hash) and compared on resume.
     """
 
-    def __init__(self, run_dir: str | Path, keep_last: int, is_primary: bool = True, cfg: Config | None = None) -> None:
+    def __init__(self, run_dir: str | Path, keep_last: int, is_primary: bool = True, cfg: Config | None = None,
+                 data_identity: dict | None = None) -> None:
         self.directory = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.is_primary = is_primary
         self.config = flatten(cfg) if cfg else {}
         self.config_hash = config_hash(cfg) if cfg else ""
+        self.data_identity = data_identity
+        self.allow_data_change = bool(cfg and cfg.train.allow_data_change)
+        self.moved_aside: list[Path] = []
+        self.last_good: Path | None = None  # newest checkpoint restored or written (by rank 0) in this run
+        if is_primary:
+            remove_stale_temps(self.directory)
 
     def path(self, update: int) -> Path:
         """Directory of the checkpoint written at `update`."""
@@ -128,22 +139,61 @@ class Checkpointer:
         return self.path(update).is_dir()
 
     def best_params(self) -> Path | None:
-        """Parameters of `best/` if it exists, else None."""
-        path = self.directory / "best" / "model.params"
-        return path if path.is_file() else None
+        """Parameters of a verified `best/`, else of the verified checkpoint with the highest recorded BLEU, else None.
+
+        A `best/` that fails verification is moved aside with a warning (primary only).
+        """
+        best = self.directory / "best"
+        if best.exists():
+            try:
+                verify(best)
+                return best / "model.params"
+            except CheckpointError as err:
+                log.warning("best checkpoint is unusable: %s; falling back to the verified checkpoint with the "
+                            "highest recorded BLEU", err)
+                self._move_aside(best)
+        scored = []
+        for path in self.list():
+            try:
+                scored.append((verify(path).get("progress", {}).get("best_bleu", -1.0), -path.stat().st_mtime, path))
+            except CheckpointError as err:
+                log.warning("skipping corrupt checkpoint: %s", err)
+        return max(scored)[2] / "model.params" if scored else None
+
+    def _move_aside(self, path: Path) -> Path | None:
+        """Rename a checkpoint that failed verification to `<name>.corrupt-<time>` (primary only; never deleted)."""
+        if not self.is_primary or not path.exists():
+            return None
+        target = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        while target.exists():
+            target = target.with_name(target.name + "x")
+        os.replace(path, target)
+        self.moved_aside.append(target)
+        log.warning("moved %s aside to %s (kept for inspection; it will be rewritten when training reaches it)",
+                    path, target.name)
+        return target
+
+    def _verifies(self, path: Path) -> bool:
+        try:
+            verify(path)
+            return True
+        except CheckpointError:
+            return False
 
     def save_state(self, state: TrainState, world_size: int, batches_per_epoch: int, is_best: bool) -> None:
         """Primary writes a checkpoint of `state`; the others return at once (no collective here).
 
-        A checkpoint already written at this update (e.g. by the periodic save just before stopping) is kept
-        unless this one is also the new best.
+        A verified checkpoint already written at this update (e.g. by the periodic save just before stopping) is kept
+        unless this one is also the new best; an unverified one is moved aside and rewritten.
         """
         progress = state.progress
-        if not self.is_primary or (self.has(progress.update) and not is_best):
+        self.last_good = self.path(progress.update)
+        if not self.is_primary or (self.has(progress.update) and not is_best and self._verifies(self.path(
+                progress.update))):
             return
         meta = {"update": progress.update, "progress": asdict(progress), "scaler": state.scaler.state_dict(),
                 "world_size": world_size, "batches_per_epoch": batches_per_epoch,
-                "config_hash": self.config_hash,
+                "config_hash": self.config_hash, "data_identity": self.data_identity,
                 "config": self.config, "time": time.time()}
         self.save(state.model, state.trainer, meta, is_best=is_best)
 
@@ -155,14 +205,14 @@ class Checkpointer:
         found = self.latest_good() if self.is_primary else None
         path = distributed.broadcast_object(str(found) if found else "", name="resume.path")
         if not path:
+            if self.moved_aside:
+                log.warning("NO LOADABLE CHECKPOINT in %s: every checkpoint failed verification and was moved aside "
+                            "(%s); training starts FROM SCRATCH at update 0", self.directory,
+                            ", ".join(p.name for p in self.moved_aside))
             return
         arrays, meta = load_arrays(path)
-        changed = shape_diff(meta["config"], self.config)
-        if changed:
-            raise TrainingError(
-                f"{self.directory.parent} holds a checkpoint of a different model ({path}); these keys differ: "
-                + ", ".join(f"{k} (checkpoint {meta['config'].get(k)!r}, now {self.config.get(k)!r})"
-                            for k in changed) + ". Use a new train.run_dir or restore the old values.")
+        self._check_compatible(path, meta)
+        self.last_good = Path(path)
         state.model.load_parameters(str(Path(path) / "model.params"), ctx=ctx)
         load_optimizer_state(state.trainer, arrays, meta["optimizer_update_counts"], ctx)
         state.scaler.load_state_dict(meta["scaler"])
@@ -171,11 +221,26 @@ class Checkpointer:
             _rescale_position(state.progress, meta, batches_per_epoch)
         log.info("resumed from %s at update %d", path, state.progress.update)
 
+    def _check_compatible(self, path: str, meta: dict) -> None:
+        """Refuse a checkpoint of another model or data; log the harmless config changes."""
+        changed = shape_diff(meta["config"], self.config)
+        if changed:
+            raise TrainingError(
+                f"{self.directory.parent} holds a checkpoint of a different model ({path}); these keys differ: "
+                + ", ".join(f"{k} (checkpoint {meta['config'].get(k)!r}, now {self.config.get(k)!r})"
+                            for k in changed) + ". Use a new train.run_dir or restore the old values.")
+        if self.data_identity is not None:
+            if refuse_data_change(meta.get("data_identity"), self.data_identity, path, self.allow_data_change):
+                log.warning("train.allow_data_change=true: continuing %s on changed data", path)
+        if self.is_primary:
+            for key in harmless_diff(meta["config"], self.config):
+                log.info("resume: %s changed from %r to %r", key, meta["config"].get(key), self.config.get(key))
+
     def save(self, model: Any, trainer: Any, state: dict, is_best: bool = False) -> Path:
         """Write checkpoint `ckpt-<update>` atomically; also refresh `best/` when `is_best`."""
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"ckpt-{state['update']:08d}"
-        tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
+        tmp = self.directory / f".tmp-{os.getpid()}-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         model.save_parameters(str(tmp / "model.params"), deduplicate=True)
@@ -183,7 +248,9 @@ class Checkpointer:
         mx.nd.save(str(tmp / "optimizer.nd"), arrays)
         (tmp / "state.json").write_text(json.dumps({**state, "optimizer_update_counts": counts}, indent=1))
         self._seal(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists() and not self._verifies(final):
+            self._move_aside(final)
+        shutil.rmtree(final, ignore_errors=True)  # a verified one of the same update: replaced by the newer state
         os.replace(tmp, final)
         if is_best:
             self._copy_as_best(final)
@@ -200,10 +267,10 @@ class Checkpointer:
         (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
 
     def _copy_as_best(self, source: Path) -> None:
-        tmp = self.directory / f".tmp-best-{os.getpid()}"
+        tmp = self.directory / f".tmp-{os.getpid()}-best"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp)
-        old = self.directory / f".old-best-{os.getpid()}"
+        old = self.directory / f".old-{os.getpid()}-best"
         best = self.directory / "best"
         if best.exists():
             os.replace(best, old)
@@ -221,13 +288,14 @@ class Checkpointer:
         return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))
 
     def latest_good(self) -> Path | None:
-        """Newest checkpoint that verifies; corrupt ones are skipped with a warning."""
+        """Newest checkpoint that verifies; corrupt ones are skipped with a warning and moved aside (primary)."""
         for path in reversed(self.list()):
             try:
                 verify(path)
                 return path
             except CheckpointError as err:
                 log.warning("skipping corrupt checkpoint: %s; falling back to the previous one", err)
+                self._move_aside(path)
         return None
 
 
@@ -245,6 +313,8 @@ def verify(path: str | Path) -> dict:
     """Check every file against MANIFEST.json; return the parsed state.json."""
     path = Path(path)
     manifest_path = path / "MANIFEST.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory ({'a file' if path.exists() else 'missing'})")
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no MANIFEST.json (checkpoint was not completely written)")
     try:
@@ -257,7 +327,10 @@ def verify(path: str | Path) -> dict:
             raise CheckpointError(f"{file}: missing")
         if _sha256(file) != manifest.get(name):
             raise CheckpointError(f"{file}: sha256 does not match MANIFEST.json (truncated or corrupt)")
-    return json.loads((path / "state.json").read_text())
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable ({err})") from None
 
 
 def load_arrays(path: str | Path) -> tuple[dict[str, mx.nd.NDArray], dict]:
@@ -269,7 +342,7 @@ def load_arrays(path: str | Path) -> tuple[dict[str, mx.nd.NDArray], dict]:
 def average_params(paths: list[Path], out_file: str | Path) -> None:
     """Average the model parameters of several checkpoints into one params file (Vaswani et al.)."""
     if not paths:
-        raise CheckpointError("no checkpoints to average")
+        raise CheckpointError("no checkpoints to average; train first (or check --run-dir)")
     total: dict[str, mx.nd.NDArray] = {}
     for path in paths:
         verify(path)

@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None, reexec_argv: list[str] | None = None) ->
         logging.getLogger("dist_nmt").error("%s", err)
         distributed.shutdown()
         return next(code for kind, code in EXIT_CODES.items() if isinstance(err, kind))
+    except OSError as err:
+        if err.filename is None:  # not about a path the user gave: a bug or a system fault, keep the traceback
+            raise
+        logging.getLogger("dist_nmt").error("%s: %s; check that path (exists, permissions, free space)",
+                                            err.filename, err.strerror or err)
+        distributed.shutdown()
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class TrainConfig:
     patience: int = 0
     eval_sample_sentences: int = 300
     max_consecutive_bad_updates: int = 5
+    allow_data_change: bool = False  # resume onto re-prepared data (same vocabulary) for deliberate fine-tuning
     hybridize: bool = True
     progress_bar: bool = True
 
@@ -123,6 +125,9 @@ class DistConfig:
     gloo_timeout_seconds: int = 300
     consistency_check_every_updates: int = 500
     cycle_time_ms: float = 0.0  # Horovod background cycle (HOROVOD_CYCLE_TIME); 0 = 10 ms on CPU, default on GPU
+    # A rank whose training loop makes no progress (no finished update, validation or save) for this long ends the
+    # job with one line naming the silent rank (dist_nmt/watchdog.py); 0 = off. Long phases get a multiple of it.
+    heartbeat_timeout_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -172,8 +177,10 @@ PROBABILITY = {
     "optim.label_smoothing", "optim.decay_factor", "model.transformer.dropout", "model.transformer.attention_dropout",
     "model.transformer.activation_dropout", "model.gnmt.dropout", "data.character_coverage",
 }
-# Keys whose change makes an existing checkpoint unusable (resume refuses and names them).
+# Keys whose change makes an existing checkpoint unusable (resume refuses and names them): the architecture and its
+# sizes, the vocabulary and the languages. Dropout rates do not change any parameter, so they may change on resume.
 SHAPE_KEYS = ("model", "data.vocab_size", "data.src_lang", "data.tgt_lang")
+RESUMABLE_MODEL_KEYS = re.compile(r"^model\.\w+\.(\w+_)?dropout$")
 
 
 def _fail(path: str, msg: str) -> typing.NoReturn:
@@ -333,10 +340,18 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _is_shape_key(key: str) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in SHAPE_KEYS) and not RESUMABLE_MODEL_KEYS.match(key)
+
+
 def shape_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Flattened keys under SHAPE_KEYS whose values differ between two flattened configs."""
-    keys = sorted(k for k in set(old) | set(new) if any(k == s or k.startswith(s + ".") for s in SHAPE_KEYS))
-    return [k for k in keys if old.get(k) != new.get(k)]
+    """Flattened keys under SHAPE_KEYS (dropout rates excepted) whose values differ between two flattened configs."""
+    return [k for k in sorted(set(old) | set(new)) if _is_shape_key(k) and old.get(k) != new.get(k)]
+
+
+def harmless_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Differing keys a resume may change (everything not in `shape_diff`), for logging."""
+    return [k for k in sorted(set(old) | set(new)) if not _is_shape_key(k) and old.get(k) != new.get(k)]
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -349,6 +364,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "DecodeConfig", "DistConfig", "ModelConfig", "OptimConfig",
-    "PrecisionConfig", "TrainConfig", "config_hash", "flatten", "from_dict", "load_config", "save_config",
-    "shape_diff", "to_dict",
+    "PrecisionConfig", "TrainConfig", "config_hash", "flatten", "from_dict", "harmless_diff", "load_config",
+    "save_config", "shape_diff", "to_dict",
 ]

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # the CLI sets up the process (allocator, threads, s
     sys.exit(main(["train", *sys.argv[1:]], reexec_argv=["-m", "dist_nmt.train", *sys.argv[1:]]))
 
 # Below this line MXNet is imported: dist_nmt.environment.init() must have run (the CLI does it first).
+import json
 import logging
 import os
 import sys
@@ -32,15 +33,19 @@ from dist_nmt import allocator, distributed, ops
 from dist_nmt.checkpoint import Checkpointer, Progress, TrainState
 from dist_nmt.config import Config, save_config
 from dist_nmt.data import RunData, next_position
+from dist_nmt.data.identity import IDENTITY_FILE, check_prepared_current, data_identity
 from dist_nmt.environment import StopSignal
 from dist_nmt.errors import TrainingError
 from dist_nmt.hooks import FaultHooks, test_device
 from dist_nmt.metrics import MetricsWriter, TrainWindow, setup_logging
 from dist_nmt.models import build_model
 from dist_nmt.precision import LossScaler, check_precision, init_amp
+from dist_nmt.preflight import check_run_dir, check_test_references
+from dist_nmt.runlock import RunLock
 from dist_nmt.schedule import lr_at
 from dist_nmt.step import StepStats, seed_for, train_step
 from dist_nmt.validate import Validator, score_test_split
+from dist_nmt.watchdog import Watchdog
 
 log = logging.getLogger("dist_nmt.train")  # not "__main__" under python -m
 
@@ -74,21 +79,45 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     `stop` remembers SIGTERM/SIGINT/SIGUSR1 (install it as early as possible; a fresh one is made if None).
     """
     t, world = cfg.train, distributed.init_world(cfg.dist)
+    check_run_dir(t.run_dir)
+    lock = None
+    if world.is_primary:  # before anything is written there, so a second trainer changes nothing
+        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
+        lock = RunLock.acquire(t.run_dir)
+    try:
+        return _train(cfg, world, stop)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _check_inputs(cfg: Config) -> dict:
+    """Before any work: prepared data current with the raw inputs, test references usable; the data identity."""
+    check_prepared_current(cfg.data)
+    check_test_references(cfg.data)
+    return data_identity(cfg.data.prepared_dir)
+
+
+def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> dict:
+    t = cfg.train
     setup_logging(world.rank, world.size, t.run_dir)
     ctx = test_device(world.rank) or distributed.device(world)
     check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
+    identity = _check_inputs(cfg)
     data = RunData.load(cfg.data, t, world.rank, world.size)
     model = build_model_for(cfg, data.vocab.size, ctx)
     p = cfg.precision
     scaler = LossScaler(p.init_scale, p.growth_interval, p.growth_factor, p.backoff_factor, p.min_scale,
                         enabled=p.loss_scaling == "dynamic")
     state = TrainState(model, make_optimizer(cfg, model), scaler, Progress())
-    checkpointer = Checkpointer(t.run_dir, t.keep_last, world.is_primary, cfg)
+    checkpointer = Checkpointer(t.run_dir, t.keep_last, world.is_primary, cfg, data_identity=identity)
     checkpointer.restore(state, ctx, data.batches_per_epoch)
     distributed.broadcast_parameters(model.collect_params())
     if world.is_primary:
-        Path(t.run_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(t.run_dir) / "config.yaml")
+        (Path(t.run_dir) / IDENTITY_FILE).write_text(json.dumps(identity, indent=1))
+    dog = Watchdog.start(cfg.dist.heartbeat_timeout_seconds, world.rank, world.size,
+                         Path(t.run_dir) / "heartbeat", lambda: str(checkpointer.last_good or ""))
     writer = MetricsWriter(t.run_dir, world.is_primary)
     validator = Validator(model, data.vocab, world, ctx, cfg.decode, cfg.data.max_len)
     hooks, stop, start = FaultHooks.from_env(world.size), stop or StopSignal(), time.time()
@@ -119,6 +148,7 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
         state.trainer.set_learning_rate(lr_at(progress.update, cfg.optim))
         scale = scaler.scale * hooks.loss_scale_factor(progress.update, world.rank)
         stats = train_step(model, state.trainer, batches, ctx, scale, cfg.optim, num_tgt)
+        dog.tick()
         _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)
         bar.update(1)
         window.add(stats.loss_sum, stats.nll_sum, batches)
@@ -127,7 +157,8 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
             window = TrainWindow()
         is_best = False
         if progress.update % t.eval_every_updates == 0:
-            is_best, last_eval = _validate(validator, data, cfg, progress, writer), progress.update
+            with dog.phase("validation"):
+                is_best, last_eval = _validate(validator, data, cfg, progress, writer), progress.update
             if t.patience and progress.evals_without_improvement >= t.patience:
                 reason = "patience"
         if cfg.dist.consistency_check_every_updates and \
@@ -136,7 +167,8 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
             log.info("update %d: parameters identical on all %d ranks (sha256 %s)", progress.update, world.size,
                      digest[:12])
         if progress.update % t.save_every_updates == 0 or is_best:
-            checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
+            with dog.phase("checkpoint save"):
+                checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
         if t.max_updates and progress.update >= t.max_updates:
             reason = "max_updates"
         elif t.max_epochs and progress.epoch >= t.max_epochs:
@@ -145,14 +177,16 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     log.info("stopping at update %d: %s", progress.update, reason)
     # The last stretch since the previous validation counts too: without this a time-budgeted run would test the
     # model from the last multiple of eval_every_updates (up to eval_every_updates - 1 updates older).
-    is_best = (t.validate_at_end and reason != "signal" and progress.update > 0 and progress.update != last_eval
-               and _validate(validator, data, cfg, progress, writer))
-    checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
-    hooks.dump_params(model, world.rank)
-    summary = {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,
-               "skipped_updates": progress.num_skipped_updates, "completed": reason != "signal"}
-    if reason != "signal" and cfg.data.test:
-        summary.update(_test(validator, checkpointer, cfg, writer, progress.update))
+    with dog.phase("final validation, checkpoint and test"):
+        is_best = (t.validate_at_end and reason != "signal" and progress.update > 0 and progress.update != last_eval
+                   and _validate(validator, data, cfg, progress, writer))
+        checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
+        hooks.dump_params(model, world.rank)
+        summary = {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,
+                   "skipped_updates": progress.num_skipped_updates, "completed": reason != "signal"}
+        if reason != "signal" and cfg.data.test:
+            summary.update(_test(validator, checkpointer, cfg, writer, progress.update))
+    dog.stop()
     writer.close()
     return summary
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -34,6 +35,7 @@ import sentencepiece as spm
 from dist_nmt.config import DataConfig
 from dist_nmt.data.text import SPLITS, DataError, count_lines, file_sha256, read_lines, split_paths
 from dist_nmt.data.vocab import SPECIAL_IDS, Vocab, train_vocab
+from dist_nmt.runlock import remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,8 @@ def prepare(data: DataConfig, out_dir: str | Path | None = None) -> dict:
     line_counts = _validate(inputs)
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the published directory is read by every rank's user
     try:
         report = _build(data, inputs, key, line_counts, tmp, start)
@@ -180,7 +183,7 @@ def _check_replaceable(out: Path) -> None:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished temp dir into place; readers see either the old or the new complete directory."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if out.exists():
         out.rename(old)
     tmp.rename(out)
@@ -196,6 +199,9 @@ def _build(data: DataConfig, inputs: dict[str, tuple[Path, Path]], key: dict, li
     splits = {}
     for split, (src, tgt) in inputs.items():
         splits[split] = {"pairs_read": line_counts[split], **_encode_split(vocab, split, (src, tgt), tmp, data, dtype)}
+    if splits["train"]["pairs_kept"] == 0:
+        raise DataError(f"data.train: no training pair kept out of {line_counts['train']} in {train_src} "
+                        f"(dropped: {splits['train']['dropped']}); raise data.max_len or check the files")
     files = sorted(p.name for p in tmp.iterdir())
     report = {"vocab_size": vocab.size, "splits": splits, "prepare_seconds": round(time.monotonic() - start, 3)}
     manifest = {

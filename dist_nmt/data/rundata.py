@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dist_nmt.config import DataConfig, TrainConfig
 from dist_nmt.data.batch import Batch, BatchPlan, collate
+from dist_nmt.data.bucketing import ROWS_MULTIPLE, grid_length
 from dist_nmt.data.dataset import EncodedSplit, vocab_path
 from dist_nmt.data.sharding import BatchStream
 from dist_nmt.data.text import read_lines, split_paths
@@ -51,7 +52,11 @@ class RunData:
         per_rank = shards // world_size
         streams = [BatchStream(train_split.src_lengths, train_split.tgt_lengths, train.max_tokens, train.seed,
                                rank * per_rank + i, shards) for i in range(per_rank)]
-        dev_stream = BatchStream(dev.src_lengths, dev.tgt_lengths, train.max_tokens, 0, rank, world_size)
+        try:
+            dev_stream = BatchStream(dev.src_lengths, dev.tgt_lengths, train.max_tokens, 0, rank, world_size)
+        except DataError:
+            _dev_does_not_fit(dev, train.max_tokens)
+            raise
         src_path, tgt_path = split_paths(data, "dev")
         return cls(Vocab.load(vocab_path(prepared)), train_split, dev, streams, dev_stream.epoch_batches(0),
                    list(read_lines(src_path)), list(read_lines(tgt_path)), shards)
@@ -68,3 +73,13 @@ class RunData:
     def collate_train(self, plan: BatchPlan) -> Batch:
         """numpy arrays for one training batch."""
         return collate(self.train, plan)
+
+
+def _dev_does_not_fit(dev: EncodedSplit, max_tokens: int) -> None:
+    """Dev pairs are never dropped, so one too long for a batch of train.max_tokens is named with the real fix."""
+    longest = int(max(dev.src_lengths.max(initial=0), dev.tgt_lengths.max(initial=0)))
+    needed = int(grid_length(longest + 1)) * ROWS_MULTIPLE
+    if needed > max_tokens:
+        raise DataError(f"data.dev holds a pair of {longest} subwords, which needs train.max_tokens >= {needed} to be "
+                        f"batched (train.max_tokens={max_tokens}); raise train.max_tokens or shorten/remove that "
+                        "pair (dev pairs are never dropped, so data.max_len does not apply)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,25 +58,46 @@ def _open_binary(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
-def read_lines(path: str | Path) -> Iterator[str]:
-    """Yield the lines of a UTF-8 text file (plain or `.gz`) with only the trailing "\\n" removed.
+def check_readable(path: str | Path, what: str = "") -> Path:
+    """`path` as a Path if it is a readable file, else DataError naming it (missing / a directory / no permission)."""
+    path, label = Path(path), f"{what}: " if what else ""
+    if not path.exists():
+        raise DataError(f"{label}{path}: no such file; check the path")
+    if path.is_dir():
+        raise DataError(f"{label}{path} is a directory, not a text file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{label}{path}: not readable (permission denied)")
+    return path
 
-    Raises DataError naming the file and the 1-based line number of the first invalid UTF-8 byte sequence,
-    or naming the file if the gzip stream is corrupt.
+
+def read_lines(path: str | Path | IO[bytes], name: str = "") -> Iterator[str]:
+    """Yield the lines of a UTF-8 text file (plain or `.gz`) or binary stream (stdin's `.buffer`), with only the
+    trailing "\\n" removed: lines split on "\\n" only, so one line in is one line out whatever bytes it holds.
+
+    Raises DataError naming the file (or `name`, e.g. "stdin") and the 1-based line number of the first invalid UTF-8
+    byte sequence, or naming the file if it is missing or the gzip stream is corrupt.
     """
-    path = Path(path)
+    if not isinstance(path, (str, Path)):
+        yield from _decode_lines(path, name or "stdin")
+        return
+    path = check_readable(path)
     lineno = 0
     try:
         with _open_binary(path) as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    raise DataError(f"{path}: line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start} "
-                                    "of the line); re-encode the file as UTF-8") from None
-                yield text[:-1] if text.endswith("\n") else text
+            for lineno, text in enumerate(_decode_lines(fh, str(path)), start=1):  # noqa: B007 - named in the error
+                yield text
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: cannot read after line {lineno} ({err}); the file is truncated or corrupt") from None
+
+
+def _decode_lines(fh: IO[bytes], path: str) -> Iterator[str]:
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start} "
+                            "of the line); re-encode the file as UTF-8") from None
+        yield text[:-1] if text.endswith("\n") else text
 
 
 def count_lines(path: str | Path) -> int:
@@ -84,7 +106,7 @@ def count_lines(path: str | Path) -> int:
     A final line without "\\n" counts. Reads in 1 MiB blocks (fast on millions of lines); on invalid UTF-8 it
     re-reads with `read_lines` to raise the DataError that names the line.
     """
-    path = Path(path)
+    path = check_readable(path)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     lines, last = 0, b"\n"
     try:

@@ -96,6 +96,14 @@ def train_vocab(sentences: Iterable[str], model_prefix: Path, vocab_size: int, c
         )
     except RuntimeError as err:
         limit = re.search(r"value <= (\d+)", str(err))
+        chars = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))
+        if "sentences_.empty()" in str(err):
+            raise DataError("data.train: the training text has no non-empty lines, so no vocabulary can be learned; "
+                            "check data.train and data.root") from None
+        if chars:
+            raise DataError(f"data.vocab_size={vocab_size} is smaller than the {chars.group(1)} characters and "
+                            f"special pieces the vocabulary must hold; raise data.vocab_size above "
+                            f"{chars.group(1)} or lower data.character_coverage") from None
         if limit:
             raise DataError(f"data.vocab_size={vocab_size} is too large for this training data: it allows at most "
                             f"{limit.group(1)}; lower data.vocab_size or add training data") from None

@@ -85,3 +85,35 @@ def test_average_of_two_checkpoints(tmp_path):
     average_params([p1, p2], tmp_path / "avg.params")
     net.load_parameters(str(tmp_path / "avg.params"))
     np.testing.assert_allclose(net.weight.data().asnumpy(), a + 1.0, atol=1e-6)
+
+
+def test_corrupt_is_moved_aside_never_deleted(tmp_path):
+    net, trainer = _net_and_trainer()
+    ckpt = Checkpointer(tmp_path, 5)
+    first = _save(ckpt, net, trainer, 1)
+    second = _save(ckpt, net, trainer, 2)
+    (second / "MANIFEST.json").unlink()
+    assert ckpt.latest_good() == first
+    aside = list(ckpt.directory.glob("ckpt-00000002.corrupt-*"))
+    assert len(aside) == 1 and (aside[0] / "model.params").is_file()
+    assert ckpt.list() == [first]
+
+
+def test_best_params_verified_with_fallback_by_recorded_bleu(tmp_path):
+    net, trainer = _net_and_trainer()
+    ckpt = Checkpointer(tmp_path, 5)
+    for update, bleu in ((1, 3.0), (2, 7.0), (3, 7.0)):
+        ckpt.save(net, trainer, {"update": update, "progress": {"best_bleu": bleu}}, is_best=update == 2)
+    assert ckpt.best_params() == ckpt.directory / "best" / "model.params"
+    params = ckpt.directory / "best" / "model.params"
+    params.write_bytes(params.read_bytes()[:20])
+    assert ckpt.best_params() == ckpt.path(2) / "model.params"  # highest BLEU, the earliest that reached it
+    assert list(ckpt.directory.glob("best.corrupt-*")) and not (ckpt.directory / "best").exists()
+
+
+def test_missing_or_file_checkpoint_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match="missing"):
+        verify(tmp_path / "nope")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="a file"):
+        verify(tmp_path / "f")
