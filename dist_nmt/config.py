@@ -116,6 +116,8 @@ class DistConfig:
     gloo_timeout_seconds: int = 300
     consistency_check_every_updates: int = 500
     cycle_time_ms: float = 0.0  # Horovod background cycle (HOROVOD_CYCLE_TIME); 0 = 10 ms on CPU, default on GPU
+    compression: str = "none"  # gradients on the wire: none (fp32) or fp16 (Horovod Compression.fp16, half the bytes)
+    hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE=1 (intra-host reduce, then across hosts)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gnmt", "transformer"),
+    "dist.compression": ("fp16", "none"),
     "model.gnmt.attention": ("mlp", "normed_mlp"),
     "precision.dtype": ("bf16", "fp16", "fp32"),
     "precision.loss_scaling": ("dynamic", "none"),

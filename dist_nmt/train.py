@@ -107,7 +107,8 @@ def _make_optimizer(cfg, model):
     return distributed.make_trainer(model.collect_params(), "adam", {
         "learning_rate": cfg.optim.lr, "beta1": cfg.optim.beta1, "beta2": cfg.optim.beta2,
         "epsilon": cfg.optim.epsilon, "wd": cfg.optim.weight_decay,
-        "multi_precision": cfg.precision.dtype == "fp16"})  # fp32 master weights under AMP
+        "multi_precision": cfg.precision.dtype == "fp16"},  # fp32 master weights under AMP
+        compression=cfg.dist.compression)
 
 
 def _next_position(epoch: int, index: int, batches_per_epoch: int) -> tuple[int, int]:
