@@ -14,7 +14,9 @@ removes whatever a killed earlier run left (every namespace and /etc/netns entry
 Launch recipe (FIELD_NOTES, "Verified two-host recipe", extended to N hosts): an `ssh` shim first on PATH maps a
 host name or address to its namespace and runs the command there; it also serves as Open MPI's launch agent
 (`--mca plm_rsh_agent <shim>`). `/etc/netns/<ns>/hosts` maps every host name to its address and this machine's
-hostname to the namespace's own address (Horovod's Gloo process sets dial the hostname).
+hostname to the namespace's own address (Horovod's Gloo process sets dial the hostname). Every command runs in a
+fresh UTS namespace whose hostname is the host's name: Open MPI tells nodes apart by hostname, and with one
+hostname for all, 2 hosts x 2 slots crash in MPI_Allgather during hvd.init() (Open MPI 4.1.4).
 
 Link shaping uses `tc netem` (rate, delay, loss) when the kernel has sch_netem. Kernels without it (e.g. this
 Firecracker guest: `Specified qdisc kind is unknown`) get `tbf` for the rate and an iptables `statistic` rule for
@@ -80,8 +82,10 @@ class SimCluster:
         self.destroy()
 
     def exec_in(self, host: SimHost) -> list[str]:
-        """Command prefix running a program inside `host` (environment inherited)."""
-        return [IP, "netns", "exec", host.namespace]
+        """Command prefix running a program inside `host`: its network namespace and its own hostname (a new UTS
+        namespace), environment inherited."""
+        return [IP, "netns", "exec", host.namespace, "unshare", "--uts", "--", str(self.shim_dir / "as-host"),
+                host.name]
 
     def host_list(self, slots: int = 1, hosts: list[SimHost] | None = None) -> str:
         """`hosta:2,hostb:2` for horovodrun -H / mpirun -H."""
@@ -194,7 +198,7 @@ class SimCluster:
 
     def _write_ssh_shim(self) -> None:
         self.shim_dir.mkdir(parents=True)
-        cases = "".join(f"  {h.name}|{h.address}) ns={h.namespace} ;;\n" for h in self.hosts)
+        cases = "".join(f"  {h.name}|{h.address}) ns={h.namespace} name={h.name} ;;\n" for h in self.hosts)
         shim = self.shim_dir / "ssh"
         shim.write_text(f"""#!/bin/bash
 # ssh stand-in: ssh [OPTIONS] [USER@]HOST [OPTIONS] COMMAND... runs COMMAND in HOST's network namespace.
@@ -211,9 +215,14 @@ case "$host" in
 {cases}  *) echo "ssh shim: unknown host '$host'" >&2; exit 255 ;;
 esac
 echo "$ns $*" >> "{self.shim_dir}/calls.log"
-exec {IP} netns exec "$ns" bash -c "$*"
+exec {IP} netns exec "$ns" unshare --uts -- "{self.shim_dir}/as-host" "$name" bash -c "$*"
 """)
         shim.chmod(0o755)
+        # Open MPI tells nodes apart by hostname (with one hostname for all, 2 hosts x 2 slots crash in MPI_Allgather).
+        as_host = self.shim_dir / "as-host"
+        as_host.write_text('#!/bin/bash\n# as-host NAME CMD...: set this UTS namespace\'s hostname, run CMD\n'
+                           'hostname "$1" && shift && exec "$@"\n')
+        as_host.chmod(0o755)
 
 
 def cleanup_leftovers() -> None:
