@@ -7,7 +7,7 @@ CONFIG ?= configs/multi30k.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap train prepare test test-slow test-slurm test-all lint bench clean
+.PHONY: bootstrap train prepare test test-slow test-slurm test-cluster-slow test-all lint bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -19,13 +19,16 @@ train: prepare
 	$(PY) -m dist_nmt.train --config $(CONFIG) $(ARGS)
 
 test: bootstrap
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow and not cluster_slow" $(PYTEST_ARGS) tests
 
 test-slurm: bootstrap
 	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS) tests
 
 test-slow: bootstrap
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+test-cluster-slow: bootstrap
+	$(PY) -m pytest -q -m cluster_slow $(PYTEST_ARGS) tests/integration/test_cluster.py
 
 test-all: bootstrap
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

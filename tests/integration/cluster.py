@@ -132,16 +132,17 @@ class SimCluster:
         _ip("-n", SWITCH, "link", "set", _port(host), "up" if up else "down")
 
     def shape(self, host: SimHost, rate: str = "", delay_ms: float = 0.0, loss_pct: float = 0.0) -> None:
-        """Shape the host's link in both directions: `rate` (tc syntax, e.g. "1gbit"), one-way delay, random loss.
+        """Shape the host's link: `rate` (tc syntax, e.g. "1gbit") and one-way `delay_ms` in both directions,
+        random loss of `loss_pct` % of the packets the host sends (netem's meaning on the host's NIC).
 
         Calling it again replaces the earlier shaping; all zero/empty removes it.
         """
-        for namespace, dev in ((host.namespace, self.nic), (SWITCH, _port(host))):
+        for namespace, dev, loss in ((host.namespace, self.nic, loss_pct), (SWITCH, _port(host), 0.0)):
             subprocess.run([IP, "netns", "exec", namespace, "tc", "qdisc", "del", "dev", dev, "root"],
                            capture_output=True)
-            if self._has_netem() and (rate or delay_ms or loss_pct):
+            if self._has_netem() and (rate or delay_ms or loss):
                 args = [*(["rate", rate] if rate else []), *(["delay", f"{delay_ms}ms"] if delay_ms else []),
-                        *(["loss", f"{loss_pct}%"] if loss_pct else []), "limit", "100000"]
+                        *(["loss", f"{loss}%"] if loss else []), "limit", "100000"]
                 _tc(namespace, "qdisc", "add", "dev", dev, "root", "netem", *args)
                 continue
             if delay_ms:
@@ -151,7 +152,18 @@ class SimCluster:
                 # burst >= rate x 1 ms so a 10 Gbit/s bucket is not limited by the timer tick.
                 _tc(namespace, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "4mb",
                     "latency", "200ms")
-            _set_iptables_loss(namespace, dev, loss_pct)
+            if namespace != SWITCH:
+                _set_iptables_loss(namespace, dev, loss)
+
+    def dropped(self, host: SimHost) -> int:
+        """Packets the loss emulation has dropped on the host's NIC so far (netem's or iptables' counter)."""
+        if self._has_netem():
+            stats = subprocess.run([IP, "netns", "exec", host.namespace, "tc", "-s", "qdisc", "show", "dev", self.nic],
+                                   capture_output=True, text=True).stdout
+            return sum(int(part.split(",")[0]) for part in stats.split("dropped ")[1:])
+        rules = subprocess.run([IP, "netns", "exec", host.namespace, IPTABLES, "-L", "OUTPUT", "-v", "-x", "-n"],
+                               capture_output=True, text=True).stdout
+        return sum(int(line.split()[0]) for line in rules.splitlines() if "DROP" in line and "statistic" in line)
 
     def destroy(self) -> None:
         """Kill what still runs on the hosts, delete every namespace (so the switch and links), hosts files, shim.
@@ -247,20 +259,13 @@ def _tc(namespace: str, *args: str) -> None:
 
 
 def _set_iptables_loss(namespace: str, dev: str, loss_pct: float) -> None:
-    """Drop `loss_pct` % of the packets into and out of a host's `dev` at random (replaces an earlier rule of ours).
-
-    Only on the host end: the switch's ports carry bridged frames, which iptables sees only with br_netfilter.
-    """
-    if namespace == SWITCH:
-        return
+    """Drop `loss_pct` % of the packets leaving `dev` at random (replaces an earlier rule of ours)."""
     base = [IP, "netns", "exec", namespace, IPTABLES]
-    for chain in ("OUTPUT", "INPUT"):
-        subprocess.run([*base, "-F", chain], capture_output=True)
+    subprocess.run([*base, "-F", "OUTPUT"], capture_output=True)
     if not loss_pct:
         return
-    rule = ["-m", "statistic", "--mode", "random", "--probability", f"{loss_pct / 100:.4f}", "-j", "DROP"]
-    for chain, flag in (("OUTPUT", "-o"), ("INPUT", "-i")):
-        proc = subprocess.run([*base, "-A", chain, flag, dev, *rule], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"random packet loss needs tc netem or iptables (Debian package iptables) with the "
-                               f"statistic match: {proc.stderr.strip()}")
+    proc = subprocess.run([*base, "-A", "OUTPUT", "-o", dev, "-m", "statistic", "--mode", "random",
+                           "--probability", f"{loss_pct / 100:.4f}", "-j", "DROP"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"random packet loss needs tc netem or iptables (Debian package iptables) with the "
+                           f"statistic match: {proc.stderr.strip()}")
