@@ -170,6 +170,15 @@ def allreduce_sum(values: np.ndarray, name: str) -> np.ndarray:
     return summed.asnumpy()
 
 
+def allreduce_array_(array: Any, name: str) -> Any:
+    """Sum an NDArray over ranks in place and return it (no host copies: for benchmarks and large tensors)."""
+    import horovod.mxnet as hvd
+
+    if hvd.size() > 1:
+        hvd.allreduce_(array, average=False, name=name)
+    return array
+
+
 def broadcast_object(obj: Any, name: str) -> Any:
     """Rank 0's value of a small picklable object, on every rank (for control decisions)."""
     import horovod.mxnet as hvd

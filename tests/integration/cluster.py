@@ -24,10 +24,12 @@ random loss; delay then needs netem and raises.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,10 @@ NIC = "nic0"
 SUBNET = "10.232.0"
 HOROVODRUN = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "horovodrun")
 IPTABLES = shutil.which("iptables-legacy") or shutil.which("iptables") or "iptables"
+# One simulated cluster per machine at a time (the names are fixed so leftovers can be found): held while it lives,
+# released by the kernel when its process dies, so whoever takes it next may delete what is left.
+LOCK_PATH = Path("/run/lock/dist-nmt-simcluster.lock")
+LOCK_WAIT_SECONDS = 1800
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class SimCluster:
     shim_dir: Path
     nic: str = NIC
     _netem: bool | None = field(default=None, repr=False)
+    _lock_fd: int | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, num_hosts: int, shim_parent: Path) -> SimCluster:
@@ -65,8 +72,9 @@ class SimCluster:
         names = [f"host{chr(ord('a') + i)}" for i in range(num_hosts)]
         hosts = [SimHost(n, PREFIX + n, f"{SUBNET}.{i + 1}") for i, n in enumerate(names)]
         cluster = cls(hosts, Path(shim_parent) / "ssh-shim")
-        cleanup_leftovers()
+        cluster._lock_fd = _take_lock()
         try:
+            cleanup_leftovers()  # what a killed earlier run left (the lock says nobody else is using it)
             cluster._build_network()
             cluster._write_etc_hosts()
             cluster._write_ssh_shim()
@@ -149,9 +157,9 @@ class SimCluster:
                 raise RuntimeError("link delay needs tc netem, which this kernel lacks: `modprobe sch_netem` "
                                    "(or use a kernel with CONFIG_NET_SCH_NETEM)")
             if rate:
-                # burst >= rate x 1 ms so a 10 Gbit/s bucket is not limited by the timer tick.
-                _tc(namespace, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "4mb",
-                    "latency", "200ms")
+                # A bucket of 1 ms of traffic: bigger lets whole small messages through at veth speed.
+                _tc(namespace, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
+                    str(max(int(rate_bits_per_s(rate) / 8 / 1000), 16_384)), "latency", "200ms")
             if namespace != SWITCH:
                 _set_iptables_loss(namespace, dev, loss)
 
@@ -174,6 +182,9 @@ class SimCluster:
             _kill_namespace_processes(host.namespace)
         cleanup_leftovers()
         shutil.rmtree(self.shim_dir, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     def _has_netem(self) -> bool:
         if self._netem is None:
@@ -237,6 +248,26 @@ exec {IP} netns exec "$ns" unshare --uts -- "{self.shim_dir}/as-host" "$name" ba
         as_host.chmod(0o755)
 
 
+def _take_lock() -> int:
+    """Exclusive flock on LOCK_PATH, waiting up to LOCK_WAIT_SECONDS for another cluster (test or bench) to end."""
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(LOCK_PATH, os.O_CREAT | os.O_RDWR, 0o644)
+    deadline = time.time() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        except BlockingIOError:
+            if time.time() > deadline:
+                holder = Path(LOCK_PATH).read_text().strip()
+                os.close(fd)
+                raise RuntimeError(f"another simulated cluster (pid {holder}) has held {LOCK_PATH} for "
+                                   f"{LOCK_WAIT_SECONDS} s; wait for it to end or kill it") from None
+            time.sleep(1)
+
+
 def cleanup_leftovers() -> None:
     """Delete every `dnmtc-*` namespace and /etc/netns entry (this run's, or a killed earlier run's)."""
     listing = subprocess.run([IP, "netns", "list"], capture_output=True, text=True).stdout
@@ -246,6 +277,16 @@ def cleanup_leftovers() -> None:
     if NETNS_ETC.is_dir():
         for etc in NETNS_ETC.glob(PREFIX + "*"):
             shutil.rmtree(etc, ignore_errors=True)
+
+
+def rate_bits_per_s(rate: str) -> float:
+    """tc rate syntax ("100mbit", "1gbit", "10Gbit", "500kbit") in bits per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12, "bit": 1.0}
+    text = rate.strip().lower()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    raise ValueError(f"link rate {rate!r}: write it like tc does, e.g. 100mbit, 1gbit, 10gbit")
 
 
 def _port(host: SimHost) -> str:
