@@ -251,9 +251,15 @@ def test_fp16_compression_halves_the_bytes_between_hosts(tmp_path, prepared, net
 
 @pytest.mark.cluster_slow
 def test_mpirun_link_down_ends_job_within_bound_without_orphans(tmp_path, prepared, net):
+    """Open MPI's TCP paths never time out by themselves, and Horovod's stall check cannot fire while rank 0 is
+    blocked in an MPI collective: without keepalive on ORTE's daemon connections the job hangs (seen here: still
+    running 5 min after the cable was pulled). With it, mpirun notices the lost daemon and aborts the job, and the
+    cut-off host's daemon notices the lost mpirun and kills its rank."""
     run, out = tmp_path / "run", tmp_path / "job.log"
-    args = [*net.exec_in(net.hosts[0]), *net.mpirun(slots=1), PYTHON, "-m", "dist_nmt.train", "--config", TINY,
-            prepared, *FAST, *DETERMINISTIC, f"train.run_dir={run}", "train.max_updates=100000",
+    keepalive = ["--mca", "oob_tcp_keepalive_time", "10", "--mca", "oob_tcp_keepalive_intvl", "5",
+                 "--mca", "oob_tcp_keepalive_probes", "3"]
+    args = [*net.exec_in(net.hosts[0]), *net.mpirun(slots=1), *keepalive, PYTHON, "-m", "dist_nmt.train",
+            "--config", TINY, prepared, *FAST, *DETERMINISTIC, f"train.run_dir={run}", "train.max_updates=100000",
             "train.save_every_updates=3", "dist.stall_check_seconds=10", "dist.stall_shutdown_seconds=30"]
     env = net.env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     with out.open("w") as sink:
