@@ -29,9 +29,9 @@ DETERMINISTIC = ["model.transformer.dropout=0", "model.transformer.attention_dro
                  "train.log_every_updates=1", "optim.epsilon=1e-5"]
 # Four MXNet processes starting on two busy cores reach hvd.init() up to a minute apart; Gloo's rendezvous waits.
 GLOO_TIMEOUT = "180"
-# fp16 gradients round each reduced gradient to 11 significant bits; Adam's update is scale-free, so after six
-# updates of the tiny model the loss stays within this relative distance of the fp32 curve.
-FP16_LOSS_RTOL = 5e-3
+# fp16 gradients round each reduced gradient to 11 significant bits; Adam's update is scale-free, so the curve barely
+# moves: over 6 tiny updates the logged losses matched the fp32 ones to every printed digit (parameters within 8e-7).
+FP16_LOSS_RTOL = 1e-3
 PARAM_ATOL = 2e-5  # 4 shards summed in another order than one process sums them
 
 
