@@ -75,13 +75,15 @@ def fit(points: list[tuple[int, float]], p: int) -> dict:
     slope = sum((x - mx_) * (t - mt) for x, t in zip(xs, ts, strict=True)) / sxx if sxx else float("nan")
     a = mt - slope * mx_
     worst = max(abs(a + slope * x - t) / t for x, t in zip(xs, ts, strict=True))
-    return {"a_s": a, "bandwidth_Bps": 1 / slope if slope > 0 else float("inf"), "max_rel_residual": worst}
+    # A slope <= 0 (size did not matter at all within the noise) is reported as null: bandwidth not resolved.
+    return {"a_s": a, "bandwidth_Bps": 1 / slope if slope > 0 else None, "max_rel_residual": worst}
 
 
 def ring_seconds(model: dict, p: int, nbytes: float) -> float:
     """Model time of one fused all-reduce of `nbytes` over p workers."""
     a = model["a0_s"] + 2 * (p - 1) * model["alpha_s"]
-    return a + 2 * (p - 1) / p * nbytes / model["bandwidth_Bps"]
+    bandwidth = model["bandwidth_Bps"]
+    return a + (2 * (p - 1) / p * nbytes / bandwidth if bandwidth else 0.0)
 
 
 def update_comm_seconds(model: dict, p: int, grad_bytes: float) -> float:
@@ -126,8 +128,9 @@ def models_by_rate(results: dict) -> dict:
         else:
             alpha = 0.0
         a0 = fits[0][1]["a_s"] - steps[0] * alpha
+        resolved = [r["bandwidth_Bps"] for _, r in fits if r["bandwidth_Bps"]]
         out[rate] = {"a0_s": a0, "alpha_s": alpha,
-                     "bandwidth_Bps": statistics.fmean(r["bandwidth_Bps"] for _, r in fits),
+                     "bandwidth_Bps": statistics.fmean(resolved) if resolved else None,
                      "fitted_on_hosts": [p for p, _ in fits]}
     return out
 
@@ -240,7 +243,7 @@ def main() -> None:
                                                    **projection(models, args.workers, args.vocab_size)}}
     if args.check_update:
         report["update_check"] = check_update(args, SimCluster, models)
-    print(json.dumps(report, indent=1, default=float))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
