@@ -8,7 +8,7 @@ CONFIG ?= configs/multi30k.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap ops train prepare test test-kill test-slow test-slurm test-all lint bench clean
+.PHONY: bootstrap ops train prepare test test-kill test-slow test-slurm test-cluster-slow test-all lint bench clean
 
 bootstrap:  # GPU=1: CUDA MXNet wheel + Horovod with NCCL
 	@GPU=$(GPU) bash scripts/bootstrap.sh
@@ -23,7 +23,7 @@ train: prepare
 	$(PY) -m dist_nmt.train --config $(CONFIG) $(ARGS)
 
 test: bootstrap
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m "not slow and not cluster_slow" $(PYTEST_ARGS) tests
 
 test-kill: bootstrap
 	$(PY) -m pytest -q -s -m slow -k kill_campaign_long $(PYTEST_ARGS) tests/integration/test_faults.py
@@ -31,8 +31,11 @@ test-kill: bootstrap
 test-slurm: bootstrap
 	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS) tests
 
-test-slow: bootstrap
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+test-slow: bootstrap  # everything make test leaves out: the long kill campaign, longer simulated-cluster runs
+	$(PY) -m pytest -q -m "slow or cluster_slow" $(PYTEST_ARGS) tests
+
+test-cluster-slow: bootstrap
+	$(PY) -m pytest -q -m cluster_slow $(PYTEST_ARGS) tests/integration/test_cluster.py
 
 test-all: bootstrap
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

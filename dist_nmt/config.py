@@ -128,6 +128,8 @@ class DistConfig:
     # A rank whose training loop makes no progress (no finished update, validation or save) for this long ends the
     # job with one line naming the silent rank (dist_nmt/watchdog.py); 0 = off. Long phases get a multiple of it.
     heartbeat_timeout_seconds: int = 60
+    compression: str = "none"  # gradients on the wire: none (fp32) or fp16 (Horovod Compression.fp16, half the bytes)
+    hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE=1 (intra-host reduce, then across hosts)
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ ON_OFF_KEYS = {"model.fused_ops"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.fused_ops": ("auto", "on", "off"),
     "model.arch": MODEL_NAMES,
+    "dist.compression": ("fp16", "none"),
     "model.gnmt.attention": ("mlp", "normed_mlp", "scaled_luong"),
     "model.gnmt.decoder_init": ("encoder", "encoder_h", "zeros"),
     "optim.schedule": ("constant", "inverse_sqrt", "step_decay"),

@@ -70,7 +70,7 @@ def make_optimizer(cfg: Config, model: mx.gluon.Block):
     o = cfg.optim
     return distributed.make_trainer(model.collect_params(), "adam", {
         "learning_rate": o.lr, "beta1": o.beta1, "beta2": o.beta2, "epsilon": o.epsilon, "wd": o.weight_decay,
-        "multi_precision": cfg.precision.dtype == "fp16"})
+        "multi_precision": cfg.precision.dtype == "fp16"}, compression=cfg.dist.compression)
 
 
 def train(cfg: Config, stop: StopSignal | None = None) -> dict:

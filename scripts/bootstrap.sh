@@ -13,8 +13,9 @@ GPU=${GPU:-0}
 GPU_MXNET="mxnet-cu112==1.9.1"  # wheel mxnet_cu112-1.9.1-py3-none-manylinux2014_x86_64.whl (499 MB) on PyPI
 
 # 1. System packages (Open MPI for Horovod's MPI controller and mpi4py).
-# iproute2: the two-host (network namespace) test; tcmalloc: MXNet CPU buffers without page faults (dist_nmt/allocator.py)
-DEB_PACKAGES="libopenmpi-dev openmpi-bin iproute2 libtcmalloc-minimal4"
+# iproute2: the two-host (network namespace) test; iptables: packet loss in the simulated cluster when the kernel
+# has no sch_netem; tcmalloc: MXNet CPU buffers without page faults (dist_nmt/allocator.py)
+DEB_PACKAGES="libopenmpi-dev openmpi-bin iproute2 iptables libtcmalloc-minimal4"
 if ! dpkg -s $DEB_PACKAGES >/dev/null 2>&1; then
   log "installing Debian packages $DEB_PACKAGES"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -38,6 +38,8 @@ def test_unknown_section():
     ({"model": {"arch": "gnmtt"}, **RUNNABLE},
      r"'model.arch': invalid value 'gnmtt'; choose one of: gnmt, transformer"),
     ({"precision": {"dtype": "fp8"}, **RUNNABLE}, r"choose one of: bf16, fp16, fp32"),
+    ({"dist": {"compression": "int8"}, **RUNNABLE},
+     r"'dist.compression': invalid value 'int8'; choose one of: fp16, none"),
     ({"optim": {"label_smoothing": 1.5}, **RUNNABLE}, r"'optim.label_smoothing': must be between 0 and 1"),
     ({"train": {"max_updates": 5, "max_tokens": 0}}, r"'train.max_tokens': must be > 0"),
     ({"model": {"transformer": {"d_model": 100, "num_heads": 8}}, **RUNNABLE}, r"divisible by num_heads"),

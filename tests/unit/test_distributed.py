@@ -55,3 +55,23 @@ def test_horovod_cycle_time_defaults_to_10ms_on_cpu_and_the_environment_wins(mon
     monkeypatch.setenv("HOROVOD_CYCLE_TIME", "1")
     distributed._set_horovod_env(DistConfig(cycle_time_ms=2.5))
     assert os.environ["HOROVOD_CYCLE_TIME"] == "1"  # what the user exported wins
+
+
+def test_hierarchical_allreduce_reaches_horovod_only_when_asked(monkeypatch):
+    from dist_nmt.config import DistConfig
+
+    for var in ("HOROVOD_HIERARCHICAL_ALLREDUCE", "HOROVOD_CYCLE_TIME", "HOROVOD_STALL_CHECK_TIME_SECONDS",
+                "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "HOROVOD_GLOO_TIMEOUT_SECONDS", "HOROVOD_CONTROLLER",
+                "HOROVOD_CPU_OPERATIONS"):
+        monkeypatch.delenv(var, raising=False)
+    distributed._set_horovod_env(DistConfig())
+    assert "HOROVOD_HIERARCHICAL_ALLREDUCE" not in os.environ
+    distributed._set_horovod_env(DistConfig(hierarchical_allreduce=True))
+    assert os.environ["HOROVOD_HIERARCHICAL_ALLREDUCE"] == "1"
+
+
+def test_unknown_gradient_compression_names_the_choices():
+    import pytest
+
+    with pytest.raises(ValueError, match="choose one of: none, fp16"):
+        distributed.make_trainer({}, "sgd", {}, compression="int8")
