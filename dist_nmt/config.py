@@ -37,6 +37,10 @@ class DataConfig:
     dev: str = "raw/val"
     test: str = "raw/test_2016_flickr"
     test_tok_ref: str = ""
+    # More test sets decoded with the same final model as `test` (only when `test` is set): prefixes like `test`,
+    # each with its tokenized lowercase reference in extra_test_tok_refs (same order; empty list = none).
+    extra_tests: tuple[str, ...] = ()
+    extra_test_tok_refs: tuple[str, ...] = ()
     prepared_dir: str = "data-bin/multi30k"
     vocab_size: int = 8000
     max_len: int = 128
@@ -95,6 +99,9 @@ class TrainConfig:
     validate_at_end: bool = True  # validate the final model too, so the test uses the truly best checkpoint
     save_every_updates: int = 500
     keep_last: int = 3
+    # At the end, also score the average of the last this-many checkpoints on dev and test the better of it and
+    # `best` (0 = off; averages what keep_last kept when fewer).
+    average_last: int = 5
     patience: int = 0
     eval_sample_sentences: int = 300
     max_consecutive_bad_updates: int = 5
@@ -213,6 +220,11 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
             except ValueError:
                 pass
         _fail(path, f"expected a number, got {value!r}")
+    if typing.get_origin(typ) is tuple:  # tuple[X, ...]: a YAML list (immutable, so the config stays frozen)
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"expected a list, got {value!r} (write [a, b] on the command line, [] for none)")
+        item = typing.get_args(typ)[0]
+        return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -255,6 +267,10 @@ def _validate(cfg: Config) -> None:
     t = cfg.model.transformer
     if t.d_model % t.num_heads:
         _fail("model.transformer.num_heads", f"d_model={t.d_model} must be divisible by num_heads={t.num_heads}")
+    d = cfg.data
+    if d.extra_test_tok_refs and len(d.extra_test_tok_refs) != len(d.extra_tests):
+        _fail("data.extra_test_tok_refs", f"has {len(d.extra_test_tok_refs)} entries for "
+              f"{len(d.extra_tests)} data.extra_tests; give one per test set, in the same order, or []")
     if cfg.model.gnmt.num_bi_layers > cfg.model.gnmt.num_enc_layers:
         _fail("model.gnmt.num_bi_layers", "cannot exceed model.gnmt.num_enc_layers")
     if not (cfg.train.max_updates or cfg.train.max_epochs or cfg.train.max_time_minutes):

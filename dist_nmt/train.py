@@ -34,8 +34,10 @@ from dist_nmt.checkpoint import Checkpointer, Progress, TrainState
 from dist_nmt.config import Config, save_config
 from dist_nmt.data import RunData, next_position
 from dist_nmt.data.identity import IDENTITY_FILE, check_prepared_current, data_identity
+from dist_nmt.data.testsets import TestSet, resolve_test_sets
 from dist_nmt.environment import StopSignal
 from dist_nmt.errors import TrainingError
+from dist_nmt.final_model import choose_final_model
 from dist_nmt.hooks import FaultHooks, test_device
 from dist_nmt.metrics import MetricsWriter, TrainWindow, setup_logging
 from dist_nmt.models import build_model
@@ -44,7 +46,7 @@ from dist_nmt.preflight import check_run_dir, check_test_references
 from dist_nmt.runlock import RunLock
 from dist_nmt.schedule import lr_at
 from dist_nmt.step import StepStats, seed_for, train_step
-from dist_nmt.validate import Validator, score_test_split
+from dist_nmt.validate import Validator, score_test_set, write_test_scores
 from dist_nmt.watchdog import Watchdog
 
 log = logging.getLogger("dist_nmt.train")  # not "__main__" under python -m
@@ -104,6 +106,7 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
     ctx = test_device(world.rank) or distributed.device(world)
     check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
     identity = _check_inputs(cfg)
+    tests = resolve_test_sets(cfg.data)  # fail fast on a missing or misaligned test file, not after training
     data = RunData.load(cfg.data, t, world.rank, world.size)
     model = build_model_for(cfg, data.vocab.size, ctx)
     p = cfg.precision
@@ -184,8 +187,8 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
         hooks.dump_params(model, world.rank)
         summary = {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,
                    "skipped_updates": progress.num_skipped_updates, "completed": reason != "signal"}
-        if reason != "signal" and cfg.data.test:
-            summary.update(_test(validator, checkpointer, cfg, writer, progress.update))
+        if reason != "signal" and tests:
+            summary.update(_test(validator, data, tests, checkpointer, cfg, writer, progress))
     dog.stop()
     writer.close()
     return summary
@@ -206,17 +209,18 @@ def _validate(validator: Validator, data: RunData, cfg: Config, progress: Progre
     return is_best
 
 
-def _test(validator: Validator, checkpointer: Checkpointer, cfg: Config, writer: MetricsWriter, update: int) -> dict:
-    """Score the test split with the best checkpoint (the final model when there is none)."""
-    best = checkpointer.best_params() if validator.world.is_primary else None
-    has_best = distributed.broadcast_object(best is not None, name="test.best")
-    if has_best:  # only rank 0 reads the file (other hosts need not share its disk), then broadcasts it
-        if best is not None:
-            validator.model.load_parameters(str(best), ctx=validator.ctx)
-        distributed.broadcast_parameters(validator.model.collect_params(), name="test.params")
-    scores = score_test_split(validator, cfg.data, cfg.train.run_dir, "best" if has_best else "final")
-    writer.write("test", update, {k: v for k, v in scores.items() if isinstance(v, (int, float))})
-    return scores
+def _test(validator: Validator, data: RunData, tests: list[TestSet], checkpointer: Checkpointer, cfg: Config,
+          writer: MetricsWriter, progress: Progress) -> dict:
+    """Score every test set with the final model: best checkpoint or last-k average, whichever is better on dev."""
+    choice = choose_final_model(validator, data, checkpointer, cfg.train, cfg.optim.label_smoothing,
+                                progress.best_bleu, progress.update)
+    per_set = [score_test_set(validator, s, cfg.data.tgt_lang, cfg.train.run_dir, choice.describe()) for s in tests]
+    for test_set, scores in zip(tests, per_set, strict=True):
+        numbers = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        writer.write("test" if test_set.is_primary else f"test.{test_set.name}", progress.update, numbers)
+    if validator.world.is_primary:
+        return write_test_scores(cfg.train.run_dir, per_set, choice.name, choice.dev_bleu)
+    return {**per_set[0], "model": choice.name}
 
 
 def _log_update(progress: Progress, window: TrainWindow, lr: float, scaler: LossScaler, writer: MetricsWriter,

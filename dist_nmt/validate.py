@@ -21,8 +21,9 @@ import mxnet as mx
 import numpy as np
 
 from dist_nmt import distributed
-from dist_nmt.config import DataConfig, DecodeConfig
-from dist_nmt.data import BatchPlan, EncodedSplit, RunData, Vocab, collate, read_lines, split_paths
+from dist_nmt.config import DecodeConfig
+from dist_nmt.data import BatchPlan, EncodedSplit, RunData, Vocab, collate, read_lines
+from dist_nmt.data.testsets import TestSet
 from dist_nmt.evaluate import sacre_scores, tokenized_bleu
 from dist_nmt.step import forward_loss, to_nd
 from dist_nmt.translate import translate_lines
@@ -95,19 +96,32 @@ class Validator:
         return values
 
 
-def score_test_split(validator: Validator, data: DataConfig, run_dir: str | Path, model_name: str) -> dict:
-    """Decode the whole test split, write `test.hyp.<tgt_lang>` and `test_scores.json`, log the TEST line."""
-    src_path, tgt_path = split_paths(data, "test")
-    tok_refs = list(read_lines(Path(data.root) / data.test_tok_ref)) if data.test_tok_ref else []
+def score_test_set(validator: Validator, test_set: TestSet, tgt_lang: str, run_dir: str | Path,
+                   model: str) -> dict:
+    """Decode one whole test set, write its hypothesis file, log its TEST line; return its scores (every rank).
+
+    The `data.test` set writes `test.hyp.<tgt_lang>`, the others `test.<name>.hyp.<tgt_lang>`. `model` says which
+    model decoded it (see final_model.Choice.describe).
+    """
+    tok_refs = list(read_lines(test_set.tok_ref)) if test_set.tok_ref else []
     t0 = time.time()
-    scores, hyps = validator.score(list(read_lines(src_path)), list(read_lines(tgt_path)), name="test.decode",
-                                   tok_references=tok_refs, tgt_lang=data.tgt_lang)
-    scores.update(model=model_name, sentences=len(hyps), decode_seconds=round(time.time() - t0, 1))
+    scores, hyps = validator.score(list(read_lines(test_set.src)), list(read_lines(test_set.ref)),
+                                   name=f"test.{test_set.name}", tok_references=tok_refs, tgt_lang=tgt_lang)
+    scores.update(test_set=test_set.name, sentences=len(hyps), decode_seconds=round(time.time() - t0, 1))
     if validator.world.is_primary:
-        out = Path(run_dir) / f"test.hyp.{data.tgt_lang}"
-        out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-        (Path(run_dir) / "test_scores.json").write_text(json.dumps(scores, indent=1))
+        stem = "test" if test_set.is_primary else f"test.{test_set.name}"
+        (Path(run_dir) / f"{stem}.hyp.{tgt_lang}").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
         tok = f" | tokenized lowercase BLEU {scores['tok_bleu']:.2f}" if "tok_bleu" in scores else ""
-        log.info("TEST %s (%s model, %d sentences): sacreBLEU %.2f | chrF %.2f%s | %s", src_path.name,
-                 model_name, len(hyps), scores["bleu"], scores["chrf"], tok, scores["bleu_signature"])
+        log.info("TEST %s (%s; %d sentences): sacreBLEU %.2f | chrF %.2f%s | %s", test_set.src.name, model,
+                 len(hyps), scores["bleu"], scores["chrf"], tok, scores["bleu_signature"])
     return scores
+
+
+def write_test_scores(run_dir: str | Path, per_set: list[dict], model: str, dev_bleu: dict) -> dict:
+    """`test_scores.json`: the `data.test` set's scores at the top level (as before extra test sets existed), the
+    model that produced them, every candidate's dev BLEU, and each extra set under `extra_tests`."""
+    first, *extra = per_set
+    out = {**first, "model": model, "candidates_dev_bleu": dev_bleu,
+           "extra_tests": {s["test_set"]: s for s in extra}}
+    (Path(run_dir) / "test_scores.json").write_text(json.dumps(out, indent=1))
+    return out

@@ -1,4 +1,5 @@
 """Paths and helpers shared by the test tiers: run the real CLI and trainer as subprocesses."""
+import gzip
 import json
 import os
 import subprocess
@@ -47,3 +48,32 @@ def hvd_train(launcher: str, overrides: list[str], env: dict | None = None, **kw
     """The tiny config under `horovodrun -np 2` on this host (Gloo or MPI)."""
     return run_cli([*LAUNCH[launcher], PYTHON, "-m", "dist_nmt.train", "--config", TINY, *overrides],
                    env={"HOROVOD_GLOO_TIMEOUT_SECONDS": "120", **(env or {})}, **kwargs)
+
+
+def head_gz(src, dst, num_lines: int):
+    """The first `num_lines` lines of a gzip file, into a temporary file (a small, fast test set)."""
+    with gzip.open(src, "rt", encoding="utf-8") as fin, gzip.open(dst, "wt", encoding="utf-8") as fout:
+        fout.writelines(line for _, line in zip(range(num_lines), fin, strict=False))
+
+
+def small_test_sets(tmp_path) -> list[str]:
+    """Overrides naming 40-line copies of test2016 (data.test) and test2017 (data.extra_tests) with tok refs."""
+    raw, tok = SHARED_DATA / "multi30k" / "raw", SHARED_DATA / "multi30k" / "tok"
+    for name in ("test_2016_flickr", "test_2017_flickr"):
+        for lang in ("en", "de"):
+            head_gz(raw / f"{name}.{lang}.gz", tmp_path / f"{name}.{lang}.gz", 40)
+        head_gz(tok / f"{name}.lc.norm.tok.de.gz", tmp_path / f"{name}.tok.de.gz", 40)
+    return [f"data.test={tmp_path / 'test_2016_flickr'}",
+            f"data.test_tok_ref={tmp_path / 'test_2016_flickr.tok.de.gz'}",
+            f"data.extra_tests=[{tmp_path / 'test_2017_flickr'}]",
+            f"data.extra_test_tok_refs=[{tmp_path / 'test_2017_flickr.tok.de.gz'}]"]
+
+
+def assert_test_decoded_by_chosen_model(tmp_path, run, model: str) -> None:
+    """The test2017 hypotheses are what `dist-nmt translate` gives with the chosen model's parameter file."""
+    params = run / "checkpoints" / ("best/model.params" if model == "best" else "average.params")
+    with gzip.open(tmp_path / "test_2017_flickr.en.gz", "rt", encoding="utf-8") as f:
+        (tmp_path / "src.en").write_text(f.read(), encoding="utf-8")
+    run_cli([PYTHON, "-m", "dist_nmt.cli", "translate", "--run-dir", str(run), "--params", str(params),
+             "--input", str(tmp_path / "src.en"), "--output", str(tmp_path / "out.de")])
+    assert (tmp_path / "out.de").read_text() == (run / "test.test_2017_flickr.hyp.de").read_text()

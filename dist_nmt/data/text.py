@@ -46,12 +46,17 @@ def split_paths(data: DataConfig, split: str) -> tuple[Path, Path]:
 
 
 def _find(root: Path, prefix: str, lang: str, split: str) -> Path:
+    return find_text_file(root, prefix, lang, f"data.{split}")
+
+
+def find_text_file(root: Path, prefix: str, lang: str, key: str) -> Path:
+    """`{root}/{prefix}.{lang}` or the same + `.gz`; DataError naming config `key` and the paths tried if neither."""
     tried = [root / f"{prefix}.{lang}", root / f"{prefix}.{lang}.gz"]
     for path in tried:
         if path.is_file():
             return path
-    raise DataError(f"no {lang} file for data.{split}={prefix!r}: tried {', '.join(str(p) for p in tried)}; "
-                    f"fix data.{split} (a prefix relative to data.root={str(root)!r}) or add the file")
+    raise DataError(f"no {lang} file for {key}={prefix!r}: tried {', '.join(str(p) for p in tried)}; "
+                    f"fix {key} (a prefix relative to data.root={str(root)!r}) or add the file")
 
 
 def _open_binary(path: Path) -> IO[bytes]:

@@ -1,5 +1,6 @@
 """Real Horovod data parallelism on 2 processes (Gloo and MPI): identical parameters, equivalence with a
 single process fed the same global batches, resume across world sizes, and a killed worker never hangs the job."""
+import json
 import os
 import signal
 import subprocess
@@ -9,7 +10,18 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from support import FAST, LAUNCH, PYTHON, ROOT, TINY, hvd_train, metrics, train
+from support import (
+    FAST,
+    LAUNCH,
+    PYTHON,
+    ROOT,
+    TINY,
+    assert_test_decoded_by_chosen_model,
+    hvd_train,
+    metrics,
+    small_test_sets,
+    train,
+)
 
 # No dropout: a 2-rank step and a 1-process step over the same two shards then compute the same gradients.
 DETERMINISTIC = ["model.transformer.dropout=0", "model.transformer.attention_dropout=0", "train.data_shards=2",
@@ -138,3 +150,15 @@ def test_gnmt_two_ranks_hold_identical_parameters(tmp_path, prepared):
     rank0, rank1 = _load(dump / "rank0.params"), _load(dump / "rank1.params")
     assert "training gnmt on 2 process(es)" in proc.stdout + proc.stderr
     assert all(np.array_equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_two_ranks_agree_on_the_final_model_and_decode_every_test_set_with_it(tmp_path, prepared):
+    run = tmp_path / "run"
+    proc = hvd_train("gloo", [prepared, f"train.run_dir={run}", "train.max_updates=6", "train.save_every_updates=2",
+                              "train.eval_every_updates=3", "train.eval_sample_sentences=8", "train.average_last=3",
+                              "train.keep_last=5", *small_test_sets(tmp_path)])
+    out = proc.stdout + proc.stderr
+    scores = json.loads((run / "test_scores.json").read_text())
+    assert set(scores["candidates_dev_bleu"]) == {"best", "average-last-3"}
+    assert f"TEST test_2017_flickr.en.gz ({scores['model']} model" in out
+    assert_test_decoded_by_chosen_model(tmp_path, run, scores["model"])  # rank 1's half decoded with it too

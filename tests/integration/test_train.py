@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 
 from dist_nmt import allocator
-from support import FAST, PYTHON, metrics, run_cli, train
+from support import (
+    FAST,
+    PYTHON,
+    SHARED_DATA,
+    assert_test_decoded_by_chosen_model,
+    head_gz,
+    metrics,
+    run_cli,
+    small_test_sets,
+    train,
+)
 
 
 def _params(path) -> dict[str, np.ndarray]:
@@ -100,6 +110,45 @@ def test_average_checkpoints_cli(tmp_path, prepared):
     assert avg.keys() == first.keys()
     for name in avg:
         np.testing.assert_allclose(avg[name], (first[name] + second[name]) / 2, atol=1e-6)
+
+
+def test_last_k_average_competes_on_dev_and_every_test_set_is_scored(tmp_path, prepared):
+    run = tmp_path / "run"
+    proc = train([prepared, f"train.run_dir={run}", "train.max_updates=6", "train.save_every_updates=2",
+                  "train.eval_every_updates=3", "train.eval_sample_sentences=8", "train.keep_last=5",
+                  "train.average_last=3", *small_test_sets(tmp_path)])
+    averaged = _params(run / "checkpoints" / "average.params")
+    last3 = [_params(p / "model.params") for p in sorted((run / "checkpoints").glob("ckpt-*"))[-3:]]
+    assert [p.name for p in sorted((run / "checkpoints").glob("ckpt-*"))[-3:]] == \
+        ["ckpt-00000003", "ckpt-00000004", "ckpt-00000006"]
+    assert averaged.keys() == last3[0].keys()
+    for name in averaged:
+        np.testing.assert_allclose(averaged[name], sum(p[name] for p in last3) / 3, rtol=1e-6, atol=1e-7)
+    scores = json.loads((run / "test_scores.json").read_text())
+    candidates = scores["candidates_dev_bleu"]
+    assert set(candidates) == {"best", "average-last-3"} and "candidate average-last-3: dev BLEU" in proc.stderr
+    assert candidates["best"] == max(r["bleu"] for r in metrics(run, "valid"))
+    assert scores["model"] in candidates and candidates[scores["model"]] == max(candidates.values())
+    assert scores["test_set"] == "test_2016_flickr" and scores["sentences"] == 40
+    extra = scores["extra_tests"]["test_2017_flickr"]
+    assert extra["sentences"] == 40 and "tok_bleu" in extra and "tok:13a" in extra["bleu_signature"]
+    for source in ("test_2016_flickr.en.gz", "test_2017_flickr.en.gz"):
+        assert f"TEST {source} ({scores['model']} model; dev BLEU best " in proc.stderr
+    assert len((run / "test.hyp.de").read_text().splitlines()) == 40
+    assert len((run / "test.test_2017_flickr.hyp.de").read_text().splitlines()) == 40
+    assert metrics(run, "test.test_2017_flickr")[0]["tok_bleu"] == extra["tok_bleu"]
+    assert_test_decoded_by_chosen_model(tmp_path, run, scores["model"])
+
+
+def test_misaligned_test_set_fails_before_training(tmp_path, prepared):
+    overrides = small_test_sets(tmp_path)
+    head_gz(SHARED_DATA / "multi30k" / "tok" / "test_2017_flickr.lc.norm.tok.de.gz",
+          tmp_path / "test_2017_flickr.tok.de.gz", 39)
+    proc = train([prepared, *FAST, f"train.run_dir={tmp_path / 'run'}", "train.max_updates=2", *overrides[:1],
+                  *overrides[2:]], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "data.extra_tests[0]=" in proc.stderr and "test_2017_flickr.tok.de.gz has 39" in proc.stderr
+    assert "training transformer" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.fixture(autouse=True)

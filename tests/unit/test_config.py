@@ -94,3 +94,25 @@ def test_shape_diff_names_model_keys_only():
 @pytest.mark.parametrize("raw,expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on")])
 def test_fused_ops_accepts_bare_on_off(raw, expected):
     assert load_config(None, [f"model.fused_ops={raw}", "train.max_updates=1"]).model.fused_ops == expected
+
+
+def test_list_keys_load_as_tuples_and_round_trip(tmp_path):
+    cfg = load_config("configs/multi30k.yaml", ["train.max_updates=1"])
+    assert cfg.data.extra_tests == ("raw/test_2017_flickr",)
+    assert cfg.data.extra_test_tok_refs == ("tok/test_2017_flickr.lc.norm.tok.de.gz",)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    override = load_config(None, ["train.max_updates=1", "data.extra_tests=[a, b]", "data.extra_test_tok_refs=[]"])
+    assert override.data.extra_tests == ("a", "b") and override.data.extra_test_tok_refs == ()
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["data.extra_tests=raw/x"], r"'data.extra_tests': expected a list, got 'raw/x'"),
+    (["data.extra_tests=[raw/x, [1]]"], r"'data.extra_tests\[1\]': expected a string"),
+    (["data.extra_tests=[a, b]", "data.extra_test_tok_refs=[t]"],
+     r"'data.extra_test_tok_refs': has 1 entries for 2 data.extra_tests"),
+    (["train.average_last=-1"], r"'train.average_last': must not be negative"),
+])
+def test_list_keys_are_checked(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, ["train.max_updates=1", *overrides])
