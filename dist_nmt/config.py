@@ -134,7 +134,7 @@ class DistConfig:
     cycle_time_ms: float = 0.0  # Horovod background cycle (HOROVOD_CYCLE_TIME); 0 = 10 ms on CPU, default on GPU
     # A rank whose training loop makes no progress (no finished update, validation or save) for this long ends the
     # job with one line naming the silent rank (dist_nmt/watchdog.py); 0 = off. Long phases get a multiple of it.
-    heartbeat_timeout_seconds: int = 60
+    heartbeat_timeout_seconds: int = 40
     compression: str = "none"  # gradients on the wire: none (fp32) or fp16 (Horovod Compression.fp16, half the bytes)
     hierarchical_allreduce: bool = False  # HOROVOD_HIERARCHICAL_ALLREDUCE=1 (intra-host reduce, then across hosts)
 
