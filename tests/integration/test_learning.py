@@ -42,7 +42,9 @@ def _test_bleu(tmp_path, overrides: list[str]) -> float:
 
 
 def test_tiny_transformer_learns_to_reverse(tmp_path, reverse_data):
-    bleu = _test_bleu(tmp_path, [*reverse_data, "train.max_updates=800", "optim.lr=0.002", "optim.warmup_updates=150",
+    # 1200 updates, not 800: at 800 the test BLEU depended on the seed and batch order (measured 76-96 over seeds and
+    # the two batch planners); at 1200 seed 1 scored 94.3 with the current planner.
+    bleu = _test_bleu(tmp_path, [*reverse_data, "train.max_updates=1200", "optim.lr=0.002", "optim.warmup_updates=150",
                                  "model.transformer.dropout=0", "train.eval_every_updates=400",
                                  "train.save_every_updates=400"])
     assert bleu >= 90
