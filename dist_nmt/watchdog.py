@@ -48,6 +48,7 @@ class Watchdog:
             if heartbeat_dir is not None:
                 with contextlib.suppress(OSError):
                     heartbeat_dir.mkdir(parents=True, exist_ok=True)
+            dog._beat()  # before the first collective: a peer frozen right after it still leaves a file to go stale
             threading.Thread(target=dog._run, name="dist_nmt-watchdog", daemon=True).start()
         return dog
 

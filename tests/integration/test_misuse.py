@@ -236,7 +236,7 @@ def test_dev_sentence_too_long_names_dev(small_root, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(small_root, root)
     for lang in ("en", "de"):
-        _write_gz(root / f"val.{lang}.gz", ["a short one", "word " * 300])
+        _write_gz(root / f"val.{lang}.gz", ["a short one", "word " * 1200])  # > train.max_tokens=1024 as one row
     prepared = tmp_path / "p"
     run_cli([*CLI, "prepare", "--config", TINY, *small(root, prepared)])
     proc = train([*small(root, prepared), *FAST, f"train.run_dir={tmp_path / 'r'}"], check=False)
