@@ -16,7 +16,7 @@ from dist_nmt.checkpoint import verify
 from support import FAST, LAUNCH, PYTHON, ROOT, TINY, hvd_train, run_cli, train
 
 CLI = [PYTHON, "-m", "dist_nmt.cli"]
-FROZEN_BOUND_S = 60  # heartbeat 40 s (the default) + horovodrun's teardown of a stopped process (SIGTERM, 5 s grace, SIGKILL)
+FROZEN_BOUND_S = 60  # heartbeat 40 s (the default) + horovodrun teardown of a stopped process (5 s grace, SIGKILL)
 KILLED_BOUND_S = 60
 
 
