@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # the simulated cluster lives with the tests (integration/cluster.py)
 log = logging.getLogger("bench_allreduce")
 DEFAULT_SIZES = [2**k for k in range(12, 27, 2)]  # 4 KiB .. 64 MiB
 FUSION_BYTES = 128 * 2**20  # HOROVOD_FUSION_THRESHOLD default: gradients go in buffers of at most this size
