@@ -31,7 +31,7 @@ STAMP = LIBRARY.with_suffix(".so.sha256")
 FUSED_OPS_MODES = ("auto", "on", "off")
 _BUILD_HINT = "build it with `bash scripts/bootstrap.sh` or `python -m dist_nmt.ops build` (needs g++)"
 
-_state: dict[str, object] = {}  # "loaded": bool, "reason": str — one attempt per process
+_state: dict[str, object] = {}  # "attempted", "loaded": bool, "reason": str — one MXNet load per process
 
 
 def _mxnet_dir() -> Path:
@@ -91,8 +91,12 @@ def build(force: bool = False) -> Path:
 
 
 def load() -> bool:
-    """Load the library into MXNet once per process; False (with the reason logged) when it is missing or stale."""
-    if "loaded" in _state:
+    """Load the library into MXNet once per process; False (with the reason logged) when it is missing or stale.
+
+    A missing or stale library is looked for again on the next call (a build may have happened in between); a load
+    that MXNet attempted, successful or not, is final for the process.
+    """
+    if _state.get("attempted"):
         return bool(_state["loaded"])
     if not LIBRARY.exists():
         reason = f"{LIBRARY} not found: {_BUILD_HINT}"
@@ -101,6 +105,7 @@ def load() -> bool:
     else:
         import mxnet as mx
 
+        _state["attempted"] = True
         try:
             mx.library.load(str(LIBRARY.resolve()), verbose=False)
             reason = ""
