@@ -135,10 +135,7 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
     reason = "max_updates" if t.max_updates and progress.update >= t.max_updates else ""
     last_eval = -1
     while not reason:
-        batches, position = [], (progress.epoch, progress.batch_index)
-        for _ in range(t.accum_steps):
-            batches += [data.collate_train(plan) for plan in data.batches_at(*position)]
-            position = next_position(*position, data.batches_per_epoch)
+        batches, position = _next_batches(data, progress, t.accum_steps)
         out_of_time = bool(t.max_time_minutes) and (time.time() - start) / 60 >= t.max_time_minutes
         num_tgt, stop_votes, time_votes = distributed.allreduce_sum(
             [sum(b.num_tgt_tokens for b in batches), float(bool(stop.received)), float(out_of_time)],
@@ -185,13 +182,27 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
                    and _validate(validator, data, cfg, progress, writer))
         checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
         hooks.dump_params(model, world.rank)
-        summary = {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,
-                   "skipped_updates": progress.num_skipped_updates, "completed": reason != "signal"}
+        summary = _summary(progress, reason)
         if reason != "signal" and tests:
             summary.update(_test(validator, data, tests, checkpointer, cfg, writer, progress))
     dog.stop()
     writer.close()
     return summary
+
+
+def _next_batches(data: RunData, progress: Progress, accum_steps: int) -> tuple[list, tuple[int, int]]:
+    """This rank's collated micro-batches of the next update and the data position after them."""
+    batches, position = [], (progress.epoch, progress.batch_index)
+    for _ in range(accum_steps):
+        batches += [data.collate_train(plan) for plan in data.batches_at(*position)]
+        position = next_position(*position, data.batches_per_epoch)
+    return batches, position
+
+
+def _summary(progress: Progress, reason: str) -> dict:
+    """What `train` returns (before the test scores): updates done, why it stopped, best dev BLEU, skips."""
+    return {"updates": progress.update, "reason": reason, "best_bleu": progress.best_bleu,
+            "skipped_updates": progress.num_skipped_updates, "completed": reason != "signal"}
 
 
 def _validate(validator: Validator, data: RunData, cfg: Config, progress: Progress, writer: MetricsWriter) -> bool:
