@@ -19,13 +19,15 @@ steadier measure when other processes share the cores):
 
 Achieved GFLOP/s is an analytic count (matrix products only, backward = 2x forward) over the best step time, given
 as a fraction of the FullyConnected fp32 peak measured in the same run (4096x1024x4096). The process runs on
-tcmalloc like the trainer (dist_nmt/allocator.py); every candidate shares it. Prints one JSON object.
+tcmalloc like the trainer (dist_nmt/allocator.py); every candidate shares it. `peak_rss_mb` is the process's
+high-water resident memory (getrusage): the model's own peak with `--no-reference`. Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
               "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1), "timed_steps": args.steps,
               "sec_per_step_best": round(sec, 4), "sec_per_step_median": round(sec_median, 4),
               "tokens_per_sec": round(num_tokens / sec, 1), "tokens_per_sec_median": round(num_tokens / sec_median, 1),
-              "cpu_sec_per_step_best": round(min(cpu_times["ours"]), 4)}
+              "cpu_sec_per_step_best": round(min(cpu_times["ours"]), 4),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     flop_count = transformer_gflop_per_batch if model_cfg.arch == "transformer" else gnmt_gflop_per_batch
     gflop = flop_count(hp, args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
     result.update(gflop_per_step=round(gflop, 1), gflops=round(gflop / sec, 1),
