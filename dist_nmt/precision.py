@@ -7,19 +7,44 @@ sees reduced gradients, every rank takes the same decision on the same step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 from dist_nmt.errors import PrecisionError
 
 log = logging.getLogger(__name__)
 
 
-def check_precision(dtype: str, on_gpu: bool, loss_scaling: str = "dynamic") -> None:
-    """Refuse precisions this machine cannot train in, naming the alternative; warn about fp16 without scaling."""
+# oneDNN 2.4 (inside the mxnet 1.9.1 wheel) implements bf16 only on avx512_core (its `has_data_type_support`);
+# below it a bf16 FullyConnected fails mid-step with "could not create a primitive descriptor iterator".
+_AVX512_CORE = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU feature flags of this machine (Linux /proc/cpuinfo), or None when they cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return None
+
+
+def check_precision(dtype: str, on_gpu: bool, loss_scaling: str = "dynamic",
+                    flags: Collection[str] | None = None) -> None:
+    """Refuse precisions this machine cannot train in, naming the alternative; warn about fp16 without scaling.
+
+    `flags`: the CPU feature flags (default: read from /proc/cpuinfo; unknown flags are not refused).
+    """
     if dtype == "bf16" and on_gpu:
         raise PrecisionError(
             "precision.dtype=bf16 is CPU-only in MXNet 1.9.1 (AMP's bfloat16 path is oneDNN; there are no bf16 CUDA "
             "kernels for its op lists). On GPU use precision.dtype=fp16 with precision.loss_scaling=dynamic, or fp32.")
+    if dtype == "bf16":
+        _check_cpu_bf16(cpu_flags() if flags is None else frozenset(flags))
     if dtype == "fp16" and loss_scaling == "none":
         log.warning("precision.dtype=fp16 with precision.loss_scaling=none: small gradients underflow to zero in "
                     "float16; set precision.loss_scaling=dynamic")
@@ -30,16 +55,33 @@ def check_precision(dtype: str, on_gpu: bool, loss_scaling: str = "dynamic") -> 
             "or fp32 (optionally with precision.loss_scaling=dynamic to exercise the loss-scaling path).")
 
 
+def _check_cpu_bf16(flags: frozenset[str] | None) -> None:
+    if flags is None:
+        return
+    missing = sorted(_AVX512_CORE - flags)
+    if missing:
+        raise PrecisionError(
+            f"precision.dtype=bf16 needs an AVX-512 CPU: this one lacks {', '.join(missing)}, and oneDNN 2.4 (in "
+            "mxnet 1.9.1) has no bfloat16 kernels below avx512_core, so the first bf16 FullyConnected would fail "
+            "('could not create a primitive descriptor iterator'). Use precision.dtype=fp32 here.")
+    if "avx512_bf16" not in flags:
+        log.warning("precision.dtype=bf16 on a CPU without avx512_bf16: oneDNN emulates the bf16 dot products, "
+                    "which is usually slower than fp32; consider precision.dtype=fp32")
+
+
 # Ops with no inputs that MXNet 1.9.1's bf16 list forces to fp32; wrapping them crashes symbol construction
 # (`amp.py: 'NoneType' object is not iterable` at `_arange` when hybridizing). They make no floats to cast anyway.
 _NO_INPUT_OPS = {"_arange", "_ones", "_zeros", "_full", "_eye", "_linspace", "_zeros_without_dtype"}
 
 
 def init_amp(dtype: str) -> None:
-    """Patch MXNet for mixed precision; call before the network is built. fp32 does nothing.
+    """Patch MXNet for mixed precision; call before the network is built and after `dist_nmt.ops.load()` (loading a
+    library regenerates mx.sym/mx.nd and would silently drop AMP's casts; `ops.load` refuses to run after this).
+    fp32 does nothing.
 
-    fp16 (GPU): MXNet AMP casts matmuls to float16. bf16 (CPU): FullyConnected runs in bfloat16 with oneDNN, weights
-    and gradients stay fp32 (measured here: same loss curve as fp32, ~1.2x faster per step on an avx512_bf16 CPU).
+    fp16 (GPU): MXNet AMP casts matmuls to float16. bf16 (CPU, AVX-512): FullyConnected runs in bfloat16 with oneDNN
+    (`gemm:jit` on plain `ab` weights: MXNet 1.9.1 keeps FC weights plain below 1024x1024 and 16384 rows); weights
+    and gradients stay fp32.
     """
     if dtype == "fp32":
         return

@@ -44,6 +44,7 @@ from mxnet import autograd, gluon
 from dist_nmt import allocator, distributed, ops
 from dist_nmt.config import Config, load_config
 from dist_nmt.data import Batch, random_batch
+from dist_nmt.precision import check_precision
 from dist_nmt.step import train_step
 from dist_nmt.train import build_model_for, make_optimizer
 
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     distributed.init_world()
     cfg = preset_config(args.preset, tuple(args.overrides))
+    check_precision(cfg.precision.dtype, False, cfg.precision.loss_scaling)  # as train() does, before any step
     model_cfg = cfg.model
     hp = getattr(model_cfg, model_cfg.arch)
     batch = random_batch(args.batch_sentences, args.seq_len, args.seq_len, args.vocab)

@@ -9,7 +9,7 @@
 
 The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout` and `dn_attention` (fused_ops.cc states
 their contracts); `dist_nmt.models.fused` calls them as `F.dn_*`. Every rank must call `resolve` (or `load`)
-before its model is built, so that all ranks run the same graph.
+before its model is built, so that all ranks run the same graph, and before `dist_nmt.precision.init_amp`.
 """
 from __future__ import annotations
 
@@ -104,7 +104,13 @@ def load() -> bool:
         reason = f"{LIBRARY} is stale (fused_ops.cc or flags changed): {_BUILD_HINT}"
     else:
         import mxnet as mx
+        from mxnet.contrib.amp import amp
 
+        # mx.library.load regenerates mx.sym/mx.nd, replacing the functions AMP wrapped: a bf16 model built after
+        # it has no casts at all and trains in fp32 without a word. The library goes first (train.build_model_for).
+        if amp._amp_initialized:
+            raise RuntimeError("dist_nmt.ops.load() after mixed precision was initialised would silently undo "
+                               "AMP's casts; load the fused ops before dist_nmt.precision.init_amp")
         _state["attempted"] = True
         try:
             mx.library.load(str(LIBRARY.resolve()), verbose=False)

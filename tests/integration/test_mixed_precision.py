@@ -2,7 +2,10 @@
 nothing numerically, and the scale survives a resume. fp16 itself needs a GPU and is refused here."""
 import mxnet as mx
 import numpy as np
+import pytest
 
+from dist_nmt.errors import PrecisionError
+from dist_nmt.precision import check_precision
 from integration.test_horovod import LAUNCH, hvd_train  # noqa: F401  (launcher definitions)
 from support import FAST, metrics, train
 
@@ -69,6 +72,15 @@ def test_fp16_on_cpu_is_refused_at_start(tmp_path, prepared):
     assert proc.returncode == 1 and "needs a GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def _bf16_unsupported() -> str:
+    try:
+        check_precision("bf16", on_gpu=False)
+    except PrecisionError as err:
+        return str(err)
+    return ""
+
+
+@pytest.mark.skipif(bool(_bf16_unsupported()), reason=_bf16_unsupported()[:120])
 def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, prepared):
     common = [prepared, *FAST, "train.max_updates=40", "train.log_every_updates=10", "model.transformer.dropout=0"]
     train([*common, f"train.run_dir={tmp_path / 'fp32'}"])
@@ -79,3 +91,9 @@ def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, prepared):
     # Measured: bf16 learns, but lags fp32 early (6.50 vs 6.10 after 40 updates; logits and LayerNorm
     # statistics come out of bf16 matmuls). The bound catches a broken bf16 path, not the known gap.
     np.testing.assert_allclose(bf16, fp32, rtol=0.10)
+
+
+@pytest.mark.skipif(not _bf16_unsupported(), reason="this CPU runs bf16")
+def test_bf16_refused_at_start_on_a_cpu_without_avx512(tmp_path, prepared):
+    proc = train([prepared, *FAST, f"train.run_dir={tmp_path}", "precision.dtype=bf16"], check=False)
+    assert proc.returncode == 1 and "needs an AVX-512 CPU" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,7 +1,13 @@
 """Loss-scaler state machine and precision checks."""
+import subprocess
+import sys
+
 import pytest
 
-from dist_nmt.precision import LossScaler, PrecisionError, check_precision
+from dist_nmt import ops
+from dist_nmt.precision import LossScaler, PrecisionError, check_precision, cpu_flags
+
+ZEN4 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
 
 
 def test_grows_after_interval_of_clean_updates():
@@ -53,7 +59,7 @@ def test_fp16_on_cpu_refused_naming_alternative():
 def test_bf16_on_gpu_refused_and_fp16_without_scaling_warns(caplog):
     with pytest.raises(PrecisionError, match="bf16 is CPU-only.*precision.dtype=fp16"):
         check_precision("bf16", on_gpu=True)
-    check_precision("bf16", on_gpu=False)
+    check_precision("bf16", on_gpu=False, flags=ZEN4)
     check_precision("fp16", on_gpu=True, loss_scaling="none")
     assert "precision.loss_scaling=dynamic" in caplog.text
 
@@ -72,3 +78,54 @@ def test_token_sum_loss_starts_at_2_pow_7_and_overflow_skips_are_backoff_not_bad
         backing_off.append(s.backing_off)
     assert backing_off == [True, True, True]
     assert LossScaler(enabled=False).backing_off is False  # without a scaler every skip is a bad update
+
+
+def test_bf16_refused_on_a_cpu_without_avx512_and_warned_without_native_bf16(caplog, tmp_path):
+    with pytest.raises(PrecisionError, match="lacks avx512bw, avx512dq, avx512f, avx512vl.*precision.dtype=fp32"):
+        check_precision("bf16", on_gpu=False, flags={"avx2", "fma"})  # a Zen 2: oneDNN 2.4 has no bf16 kernels
+    check_precision("fp32", on_gpu=False, flags={"avx2"})
+    check_precision("bf16", on_gpu=False, flags=ZEN4 - {"avx512_bf16"})
+    assert "without avx512_bf16" in caplog.text
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512f"}
+    assert cpu_flags(tmp_path / "missing") is None
+
+
+# AMP wraps mx.sym functions once per process, so each order runs in a fresh interpreter. The graph is built
+# symbolically (nothing runs in bf16), so this holds on any CPU.
+_FC_INPUTS = """
+import json, sys
+import mxnet as mx
+from dist_nmt import ops
+from dist_nmt.config import load_config
+from dist_nmt.precision import init_amp
+from dist_nmt.train import build_model_for
+cfg = load_config("configs/models/tiny.yaml", ["precision.dtype=bf16", "model.fused_ops=on", "train.max_updates=1"])
+if sys.argv[1] == "amp_first":
+    init_amp("bf16")
+    try:
+        ops.load()
+    except RuntimeError as err:
+        print("refused:", err)
+    sys.exit()
+model = build_model_for(cfg, 50, mx.cpu())
+out = model(*(mx.sym.var(n) for n in ("src", "src_len", "tgt_in", "tgt_len")))
+nodes = json.loads(out.tojson(remove_amp_cast=False))["nodes"]
+for fc in (n for n in nodes if n["op"] == "FullyConnected"):
+    data, weight = (nodes[i[0]] for i in fc["inputs"][:2])
+    print(data["op"], data.get("attrs", {}).get("dtype"), weight["op"], weight.get("attrs", {}).get("dtype"))
+"""
+
+
+def test_bf16_with_fused_ops_casts_every_fully_connected_to_bf16():
+    try:
+        ops.build()
+    except RuntimeError as err:
+        pytest.skip(f"fused ops library cannot be built: {err}")
+    run = [sys.executable, "-c", _FC_INPUTS]
+    lines = subprocess.run([*run, "build"], capture_output=True, text=True, check=True).stdout.splitlines()
+    # Loading the library after amp.init used to regenerate mx.sym and drop every cast: bf16 silently ran fp32.
+    assert len(lines) > 20 and set(lines) == {"amp_cast bfloat16 amp_cast bfloat16"}, lines
+    refused = subprocess.run([*run, "amp_first"], capture_output=True, text=True, check=True).stdout
+    assert "refused:" in refused and "before dist_nmt.precision.init_amp" in refused
