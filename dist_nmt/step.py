@@ -18,7 +18,7 @@ import mxnet as mx
 from dist_nmt import distributed
 from dist_nmt.config import OptimConfig
 from dist_nmt.data import Batch
-from dist_nmt.loss import label_smoothed_nll
+from dist_nmt.loss import fused_label_smoothed_nll, label_smoothed_nll
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,16 @@ def to_nd(batch: Batch, ctx: mx.Context) -> ModelInputs:
                        put(batch.tgt_valid_len))
 
 
-def forward_loss(model: mx.gluon.Block, x: ModelInputs, label_smoothing: float) -> tuple[mx.nd.NDArray, mx.nd.NDArray]:
-    """(label-smoothed loss sum, NLL sum) over the real target tokens of one batch."""
+def forward_loss(model: mx.gluon.Block, x: ModelInputs, label_smoothing: float,
+                 fused: bool = False) -> tuple[mx.nd.NDArray, mx.nd.NDArray]:
+    """(label-smoothed loss sum, NLL sum) over the real target tokens of one batch.
+
+    `fused` (the fused ops library is loaded: `dist_nmt.ops.resolve` said so) computes it with the fused
+    `dn_smoothed_nll` op, which keeps no (B, T, V) tensor besides the logits; same values and gradients.
+    """
     logits = model(x.src, x.src_valid_len, x.tgt_in, x.tgt_valid_len)  # (B, T, V)
-    return label_smoothed_nll(logits, x.tgt_out, x.tgt_valid_len, label_smoothing)
+    loss_fn = fused_label_smoothed_nll if fused else label_smoothed_nll
+    return loss_fn(logits, x.tgt_out, x.tgt_valid_len, label_smoothing)
 
 
 def seed_for(seed: int, update: int, rank: int) -> int:
@@ -64,16 +70,17 @@ def seed_for(seed: int, update: int, rank: int) -> int:
 
 
 def train_step(model: mx.gluon.Block, trainer, batches: Sequence[Batch], ctx: mx.Context, loss_scale: float,
-               optim: OptimConfig, num_tgt_global: float) -> StepStats:
+               optim: OptimConfig, num_tgt_global: float, fused_loss: bool = False) -> StepStats:
     """Forward/backward every micro-batch, all-reduce, clip on the true gradient norm, update (or skip).
 
-    `num_tgt_global` is the target-token count of this update summed over all ranks and micro-batches.
+    `num_tgt_global` is the target-token count of this update summed over all ranks and micro-batches;
+    `fused_loss`: the loss through the fused op (see `forward_loss`).
     """
     sums = []  # (loss, nll) per micro-batch, read once at the end: no device sync between micro-batches
     for batch in batches:
         x = to_nd(batch, ctx)
         with mx.autograd.record():
-            loss, nll = forward_loss(model, x, optim.label_smoothing)
+            loss, nll = forward_loss(model, x, optim.label_smoothing, fused_loss)
             scaled = loss * loss_scale
         scaled.backward()
         sums.append(mx.nd.stack(loss.reshape((1,)), nll.reshape((1,)), axis=1))

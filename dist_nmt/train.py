@@ -52,11 +52,16 @@ from dist_nmt.watchdog import Watchdog
 log = logging.getLogger("dist_nmt.train")  # not "__main__" under python -m
 
 
+def uses_fused_ops(cfg: Config, ctx: mx.Context) -> bool:
+    """Whether the model and the loss run on the fused CPU ops (`model.fused_ops`; loads the library if needed)."""
+    return ops.resolve(cfg.model.fused_ops, on_gpu=ctx.device_type == "gpu")
+
+
 def build_model_for(cfg: Config, vocab_size: int, ctx: mx.Context) -> mx.gluon.HybridBlock:
     """The configured model, initialised on `ctx` (same seed on every rank), accumulating gradients."""
     # Loss scaling stays with our LossScaler (one state machine over reduced gradients), so amp.init_trainer is
     # deliberately not called: it would install a second scaler.
-    fused = ops.resolve(cfg.model.fused_ops, on_gpu=ctx.device_type == "gpu")  # every rank, before building
+    fused = uses_fused_ops(cfg, ctx)  # every rank, before building
     init_amp(cfg.precision.dtype)  # after the library load, which would replace AMP's wrapped mx.sym functions
     model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), vocab_size, fused_ops=fused)
     mx.random.seed(cfg.train.seed)
@@ -122,7 +127,8 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
     dog = Watchdog.start(cfg.dist.heartbeat_timeout_seconds, world.rank, world.size,
                          Path(t.run_dir) / "heartbeat", lambda: str(checkpointer.last_good or ""))
     writer = MetricsWriter(t.run_dir, world.is_primary)
-    validator = Validator(model, data.vocab, world, ctx, cfg.decode, cfg.data.max_len)
+    fused_loss = uses_fused_ops(cfg, ctx)
+    validator = Validator(model, data.vocab, world, ctx, cfg.decode, cfg.data.max_len, fused_loss)
     hooks, stop, start = FaultHooks.from_env(world.size), stop or StopSignal(), time.time()
     progress = state.progress
     log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
@@ -147,7 +153,7 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
         mx.random.seed(seed_for(t.seed, progress.update, world.rank))
         state.trainer.set_learning_rate(lr_at(progress.update, cfg.optim))
         scale = scaler.scale * hooks.loss_scale_factor(progress.update, world.rank)
-        stats = train_step(model, state.trainer, batches, ctx, scale, cfg.optim, num_tgt)
+        stats = train_step(model, state.trainer, batches, ctx, scale, cfg.optim, num_tgt, fused_loss)
         dog.tick()
         _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)
         bar.update(1)

@@ -32,12 +32,13 @@ log = logging.getLogger(__name__)
 
 
 def dev_loss(model: mx.gluon.Block, split: EncodedSplit, batches: Sequence[BatchPlan], label_smoothing: float,
-             ctx: mx.Context, name: str) -> dict:
-    """Per-token smoothed loss and perplexity over this rank's dev batches, summed over all ranks."""
+             ctx: mx.Context, name: str, fused_loss: bool = False) -> dict:
+    """Per-token smoothed loss and perplexity over this rank's dev batches, summed over all ranks (`fused_loss`:
+    the training loss's fused op, see `dist_nmt.step.forward_loss`)."""
     totals = np.zeros(3)
     for plan in batches:
         batch = collate(split, plan)
-        loss, nll = forward_loss(model, to_nd(batch, ctx), label_smoothing)
+        loss, nll = forward_loss(model, to_nd(batch, ctx), label_smoothing, fused_loss)
         totals += [loss.asscalar(), nll.asscalar(), batch.num_tgt_tokens]
     loss_sum, nll_sum, num_tgt_tokens = distributed.allreduce_sum(totals, name=name)
     num_tgt_tokens = max(num_tgt_tokens, 1.0)
@@ -61,6 +62,7 @@ class Validator:
     ctx: mx.Context
     decode: DecodeConfig
     max_src_len: int
+    fused_loss: bool = False  # the dev loss through the fused op, as training computes it
 
     def translate(self, sources: Sequence[str], name: str) -> list[str]:
         """Best translation of every source line, decoded sharded over ranks; every rank gets all, in order."""
@@ -87,7 +89,8 @@ class Validator:
     def dev(self, data: RunData, label_smoothing: float, sample_sentences: int, update: int) -> dict:
         """Dev loss over the whole dev set and BLEU on a bounded, evenly spaced sample of it."""
         t0 = time.time()
-        values = dev_loss(self.model, data.dev, data.dev_batches, label_smoothing, self.ctx, name=f"devloss.{update}")
+        values = dev_loss(self.model, data.dev, data.dev_batches, label_smoothing, self.ctx, name=f"devloss.{update}",
+                          fused_loss=self.fused_loss)
         sample = sample_indices(len(data.dev_sources), sample_sentences)
         scores, _ = self.score([data.dev_sources[i] for i in sample], [data.dev_references[i] for i in sample],
                                name=f"devbleu.{update}")

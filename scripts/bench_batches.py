@@ -39,7 +39,7 @@ from dist_nmt.config import load_config
 from dist_nmt.data import BatchStream, EncodedSplit, Vocab, collate, padding_efficiency, vocab_path
 from dist_nmt.data.bucketing import BucketPlan, max_rows_for
 from dist_nmt.step import train_step
-from dist_nmt.train import build_model_for, make_optimizer
+from dist_nmt.train import build_model_for, make_optimizer, uses_fused_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,11 +87,13 @@ class Stepper:
         self.cfg, self.ctx = cfg, mx.cpu()
         self.model = build_model_for(cfg, vocab_size, self.ctx)  # the trainer's own construction
         self.trainer = make_optimizer(cfg, self.model)
+        self.fused_loss = uses_fused_ops(cfg, self.ctx)
 
     def step(self, batch) -> float:
         """Seconds for one trainer step on `batch` (synchronised)."""
         start = time.perf_counter()
-        train_step(self.model, self.trainer, [batch], self.ctx, 1.0, self.cfg.optim, float(batch.num_tgt_tokens))
+        train_step(self.model, self.trainer, [batch], self.ctx, 1.0, self.cfg.optim, float(batch.num_tgt_tokens),
+                   self.fused_loss)
         mx.nd.waitall()
         return time.perf_counter() - start
 

@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
     from dist_nmt.config import load_config
     from dist_nmt.data import random_batch
     from dist_nmt.step import train_step
-    from dist_nmt.train import build_model_for, make_optimizer
+    from dist_nmt.train import build_model_for, make_optimizer, uses_fused_ops
 
     if args.pin:  # one core per worker: local rank r runs on core r (no migrations, no shared L2)
         os.sched_setaffinity(0, {int(os.environ.get("HOROVOD_LOCAL_RANK", "0")) % os.cpu_count()})
@@ -41,6 +41,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = load_config(ROOT / "configs" / "models" / f"{args.preset}.yaml", ["train.max_updates=1"])
     model = build_model_for(cfg, args.vocab, mx.cpu())
     trainer = make_optimizer(cfg, model)
+    fused_loss = uses_fused_ops(cfg, mx.cpu())
     batch = random_batch(args.batch_sentences, args.seq_len, args.seq_len, args.vocab, seed=world.rank)
     comm = [0.0]
     reduce = distributed.reduced_grads
@@ -59,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         if step == args.warmup:
             comm[0] = 0.0
         t0 = time.perf_counter()
-        train_step(model, trainer, [batch], mx.cpu(), 1.0, cfg.optim, batch.num_tgt_tokens * world.size)
+        train_step(model, trainer, [batch], mx.cpu(), 1.0, cfg.optim, batch.num_tgt_tokens * world.size, fused_loss)
         mx.nd.waitall()
         if step >= args.warmup:
             total += time.perf_counter() - t0

@@ -46,7 +46,7 @@ from dist_nmt.config import Config, load_config
 from dist_nmt.data import Batch, random_batch
 from dist_nmt.precision import check_precision
 from dist_nmt.step import train_step
-from dist_nmt.train import build_model_for, make_optimizer
+from dist_nmt.train import build_model_for, make_optimizer, uses_fused_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,10 +113,10 @@ def gluonnlp_loss(vocab: int):
 
 def trainer_step(cfg: Config, model, batch: Batch):
     """A closure running one update exactly as the trainer does (`dist_nmt.step.train_step`) on `batch`."""
-    trainer = make_optimizer(cfg, model)
+    trainer, fused_loss = make_optimizer(cfg, model), uses_fused_ops(cfg, mx.cpu())
 
     def step() -> None:
-        train_step(model, trainer, [batch], mx.cpu(), 1.0, cfg.optim, batch.num_tgt_tokens)
+        train_step(model, trainer, [batch], mx.cpu(), 1.0, cfg.optim, batch.num_tgt_tokens, fused_loss)
         mx.nd.waitall()
 
     return step

@@ -7,8 +7,9 @@
     fused = ops.resolve("auto")       # model.fused_ops: auto | on | off -> bool, loads the library if needed
     model = build_model("transformer", hparams, vocab_size, fused_ops=fused)
 
-The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout` and `dn_attention` (fused_ops.cc states
-their contracts); `dist_nmt.models.fused` calls them as `F.dn_*`. Every rank must call `resolve` (or `load`)
+The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout`, `dn_attention` and `dn_smoothed_nll`
+(fused_ops.cc states their contracts); `dist_nmt.models.fused` calls the first four as `F.dn_*`, the training and
+dev loss (`dist_nmt.loss.fused_label_smoothed_nll`) the last. Every rank must call `resolve` (or `load`)
 before its model is built, so that all ranks run the same graph, and before `dist_nmt.precision.init_amp`.
 """
 from __future__ import annotations
@@ -130,6 +131,14 @@ def unavailable_reason() -> str:
     return str(_state.get("reason", ""))
 
 
+def _log_once(message: str) -> None:
+    """INFO `message` the first time only: `resolve` is asked again by every user of the answer."""
+    logged = _state.setdefault("logged", set())
+    if message not in logged:
+        logged.add(message)
+        log.info(message)
+
+
 def resolve(mode: str, on_gpu: bool = False) -> bool:
     """`model.fused_ops` -> whether the model uses the fused ops; loads the library unless `off`.
 
@@ -138,15 +147,15 @@ def resolve(mode: str, on_gpu: bool = False) -> bool:
     if mode not in FUSED_OPS_MODES:
         raise ValueError(f"model.fused_ops={mode!r}; choose one of: {', '.join(FUSED_OPS_MODES)}")
     if mode == "off":
-        log.info("fused CPU ops off (model.fused_ops=off): pure-MXNet path")
+        _log_once("fused CPU ops off (model.fused_ops=off): pure-MXNet path (model and log_softmax loss)")
         return False
     if on_gpu:
         if mode == "on":
             raise ConfigError("model.fused_ops=on: the fused ops are CPU-only; use model.fused_ops=auto on GPU")
-        log.info("fused CPU ops skipped on GPU: pure-MXNet path")
+        _log_once("fused CPU ops skipped on GPU: pure-MXNet path (model and log_softmax loss)")
         return False
     if load():
-        log.info("model uses the fused CPU ops (model.fused_ops=%s)", mode)
+        _log_once(f"model uses the fused CPU ops (model.fused_ops={mode}), the loss too (dn_smoothed_nll)")
         return True
     if mode == "on":
         raise ConfigError(f"model.fused_ops=on but the fused ops did not load: {unavailable_reason()}; "

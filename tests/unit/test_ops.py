@@ -14,12 +14,19 @@ import pytest
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
-from dist_nmt import ops
+from dist_nmt import distributed, ops
+from dist_nmt.config import load_config
+from dist_nmt.data.batch import BatchPlan, collate
+from dist_nmt.data.dataset import EncodedSplit
 from dist_nmt.errors import ConfigError
 from dist_nmt.loss import label_smoothed_nll
 from dist_nmt.models import TransformerHParams, build_model
 from dist_nmt.models import fused as fused_ops
 from dist_nmt.models.attention import attend
+from dist_nmt.step import train_step
+from dist_nmt.train import build_model_for, make_optimizer
+from dist_nmt.validate import dev_loss
+from support import ROOT
 
 VOCAB = 50
 TINY = TransformerHParams(num_enc_layers=2, num_dec_layers=2, d_model=32, d_ff=64, num_heads=4, dropout=0.0,
@@ -265,6 +272,68 @@ def test_fused_loss_equals_label_smoothed_nll(epsilon):
     np.testing.assert_allclose([loss, nll], [loss_ref, nll_ref], rtol=1e-5)
     np.testing.assert_allclose(grad, grad_ref, atol=1e-6, rtol=1e-4)
     assert np.all(grad[1, 2:] == 0)  # padded positions get no gradient
+
+
+def random_split(num_sentences: int = 12, seed: int = 0) -> EncodedSplit:
+    """Sentences of 1..7 random subwords on each side."""
+    rng = np.random.RandomState(seed)
+
+    def side():
+        sentences = [rng.randint(4, VOCAB, size=n) for n in rng.randint(1, 8, size=num_sentences)]
+        return np.concatenate(sentences).astype(np.int16), np.cumsum([0] + [len(x) for x in sentences])
+
+    return EncodedSplit(*side(), *side(), name="random")
+
+
+def trainer_run(model_fused_ops: str, fused_loss: bool, dropout: float, num_updates: int = 20):
+    """The trainer's own model, optimizer (clipping at 1.0) and step over padded batches with a dummy row:
+    (per-token loss of every update, its gradient norms, dev loss values, parameters after training)."""
+    distributed.init_world()
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
+        "model.transformer.d_model=32", "model.transformer.d_ff=64", "model.transformer.num_enc_layers=1",
+        "model.transformer.num_dec_layers=1", f"model.transformer.dropout={dropout}", "optim.lr=3e-3",
+        f"model.fused_ops={model_fused_ops}"])
+    model = build_model_for(cfg, VOCAB, mx.cpu())
+    trainer = make_optimizer(cfg, model)
+    split = random_split()
+    plans = [BatchPlan(np.arange(i, i + 4), src_pad_len=9, tgt_pad_len=9, bucket=0, num_rows=5) for i in (0, 4, 8)]
+    losses, norms = [], []
+    for update in range(num_updates):
+        mx.random.seed(update)  # the same dropout masks on both loss paths
+        batch = collate(split, plans[update % 2])
+        stats = train_step(model, trainer, [batch], mx.cpu(), 1.0, cfg.optim, batch.num_tgt_tokens, fused_loss)
+        losses.append(stats.loss_sum / batch.num_tgt_tokens)
+        norms.append(stats.grad_norm)
+    dev = dev_loss(model, split, plans[2:], cfg.optim.label_smoothing, mx.cpu(), "dev", fused_loss=fused_loss)
+    return losses, norms, dev, {k: v.data().asnumpy() for k, v in model.collect_params().items()}
+
+
+def assert_same_training(got, expected, rtol: float) -> None:
+    (losses, norms, dev, params), (losses_ref, norms_ref, dev_ref, params_ref) = got, expected
+    assert losses_ref[-1] < 0.7 * losses_ref[0]  # it learns, so the curves say something
+    np.testing.assert_allclose(losses, losses_ref, rtol=rtol)
+    np.testing.assert_allclose(norms, norms_ref, rtol=rtol)
+    np.testing.assert_allclose([dev["loss"], dev["ppl"]], [dev_ref["loss"], dev_ref["ppl"]], rtol=rtol)
+    for name, value in params_ref.items():
+        got_value = params[name]
+        if name.endswith("kv_bias"):  # keys' bias: softmax is shift-invariant, so its true gradient is 0 and Adam
+            d = value.shape[0] // (3 if name.endswith("qkv_bias") else 2)  # turns rounding noise into lr-sized steps
+            keys = slice(d, 2 * d) if name.endswith("qkv_bias") else slice(0, d)
+            got_value, value = np.delete(got_value, keys), np.delete(value, keys)
+        np.testing.assert_allclose(got_value, value, atol=20 * rtol, err_msg=name)
+
+
+def test_trainer_with_the_fused_loss_trains_and_validates_like_the_pure_loss():
+    """Same model graph (with dropout), only the loss differs: logged loss, gradient norms, dev loss, weights."""
+    fused = trainer_run("off", fused_loss=True, dropout=0.1)
+    pure = trainer_run("off", fused_loss=False, dropout=0.1)
+    assert fused[0][0] == pytest.approx(pure[0][0], rel=1e-6)  # the first update's loss: no drift yet
+    assert_same_training(fused, pure, rtol=1e-4)
+
+
+def test_trainer_with_fused_ops_on_and_off_trains_the_same():
+    """model.fused_ops=on (fused model and loss) against off (pure MXNet throughout), through train_step."""
+    assert_same_training(trainer_run("on", True, dropout=0.0), trainer_run("off", False, dropout=0.0), rtol=2e-4)
 
 
 def test_library_loads_after_horovod_was_imported():
