@@ -56,8 +56,9 @@ def build_model_for(cfg: Config, vocab_size: int, ctx: mx.Context) -> mx.gluon.H
     """The configured model, initialised on `ctx` (same seed on every rank), accumulating gradients."""
     # Loss scaling stays with our LossScaler (one state machine over reduced gradients), so amp.init_trainer is
     # deliberately not called: it would install a second scaler.
-    init_amp(cfg.precision.dtype)
     fused = ops.resolve(cfg.model.fused_ops, on_gpu=ctx.device_type == "gpu")  # every rank, before building
+    # After the library: mx.library.load rebinds every mx.nd / mx.sym operator, which would undo amp.init's patches.
+    init_amp(cfg.precision.dtype)
     model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), vocab_size, fused_ops=fused)
     mx.random.seed(cfg.train.seed)
     model.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3.0), ctx=ctx)
