@@ -38,15 +38,23 @@ _NO_INPUT_OPS = {"_arange", "_ones", "_zeros", "_full", "_eye", "_linspace", "_z
 def init_amp(dtype: str) -> None:
     """Patch MXNet for mixed precision; call before the network is built. fp32 does nothing.
 
-    fp16 (GPU): MXNet AMP casts matmuls to float16. bf16 (CPU): FullyConnected runs in bfloat16 with oneDNN, weights
-    and gradients stay fp32 (measured here: same loss curve as fp32, ~1.2x faster per step on an avx512_bf16 CPU).
+    fp16 (GPU): FullyConnected, RNN and batch_dot run in float16; softmax, log_softmax, LayerNorm and reductions in
+    float32. bf16 (CPU): FullyConnected runs in bfloat16 with oneDNN (MXNet 1.9.1 has no bf16 batch_dot, RNN or
+    linalg kernels on CPU, so those stay fp32; measured here: same loss curve as fp32, ~1.2x faster per step on an
+    avx512_bf16 CPU). Either way parameters, gradients and optimizer state stay fp32 (casts happen inside the graph),
+    and the GEMMs that compute statistics (`dist_nmt.models.exact`) are not cast. tests/integration/amp_layout.py
+    prints the resulting layout of every op.
     """
     if dtype == "fp32":
         return
     from mxnet.contrib import amp
 
     if dtype == "fp16":
-        amp.init(target_dtype="float16")
+        from mxnet.contrib.amp.lists import symbol_fp16
+
+        # batch_dot is only "widest type" in MXNet's list: attention's probs x V would run in fp32, because the
+        # softmax output is fp32. Listed here, both attention products are float16 (tensor cores).
+        amp.init(target_dtype="float16", target_precision_ops=[*symbol_fp16.FP16_FUNCS, "batch_dot"])
         return
     from mxnet.contrib.amp.lists import symbol_bf16
 
