@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import mxnet as mx
 
+from dist_nmt.models.exact import fully_connected
+
 
 def label_smoothed_nll(logits: mx.nd.NDArray, tgt_out: mx.nd.NDArray, tgt_valid_len: mx.nd.NDArray,
                        epsilon: float) -> tuple[mx.nd.NDArray, mx.nd.NDArray]:
     """Return (smoothed loss sum, plain NLL sum) over positions t < tgt_valid_len.
 
-    logits (B, T, V) float32; tgt_out (B, T) ids; tgt_valid_len (B,) float32. The smoothed loss spreads
+    logits (B, T, V) float32 (float16 / bfloat16 under AMP: log_softmax is on AMP's fp32 list, which casts them, and
+    everything after it stays float32); tgt_out (B, T) ids; tgt_valid_len (B,) float32. The smoothed loss spreads
     `epsilon` uniformly over the vocabulary (Szegedy et al.), as fairseq and Sockeye do.
 
     This form is also the fastest measured here: one fused SoftmaxOutput with the same gradient (smooth_alpha, loss
@@ -26,8 +29,9 @@ def label_smoothed_nll(logits: mx.nd.NDArray, tgt_out: mx.nd.NDArray, tgt_valid_
     nll = -mx.nd.pick(log_probs, tgt_out, axis=-1)                        # (B, T)
     # The mean over the vocabulary as a (V -> 1) product: oneDNN runs it multithreaded, where mx.nd.mean is a
     # single-threaded reduction (55 ms vs ~2 ms at 3200 x 8000, transformer_base bench).
+    # exact.fully_connected: under AMP a plain FullyConnected would round the log-probabilities to 16 bits first.
     row_mean = mx.nd.full((1, vocab), 1.0 / vocab, ctx=logits.context, dtype=log_probs.dtype)
-    smooth = -mx.nd.FullyConnected(log_probs, row_mean, no_bias=True, num_hidden=1, flatten=False)
+    smooth = -fully_connected(mx.nd, log_probs, row_mean, 1)
     smooth = mx.nd.reshape(smooth, shape=(0, 0))                          # (B, T)
     per_token = (1.0 - epsilon) * nll + epsilon * smooth
     mask = mx.nd.SequenceMask(mx.nd.ones_like(nll), sequence_length=tgt_valid_len,

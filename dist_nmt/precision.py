@@ -79,16 +79,23 @@ def init_amp(dtype: str) -> None:
     library regenerates mx.sym/mx.nd and would silently drop AMP's casts; `ops.load` refuses to run after this).
     fp32 does nothing.
 
-    fp16 (GPU): MXNet AMP casts matmuls to float16. bf16 (CPU, AVX-512): FullyConnected runs in bfloat16 with oneDNN
-    (`gemm:jit` on plain `ab` weights: MXNet 1.9.1 keeps FC weights plain below 1024x1024 and 16384 rows); weights
-    and gradients stay fp32.
+    fp16 (GPU): FullyConnected, RNN and batch_dot run in float16; softmax, log_softmax, LayerNorm and reductions in
+    float32. bf16 (CPU with AVX-512; refused at start elsewhere): FullyConnected runs in bfloat16 with oneDNN
+    (`gemm:jit` on plain `ab` weights: MXNet 1.9.1 keeps FC weights plain below 1024x1024 and 16384 rows); MXNet
+    1.9.1 has no bf16 batch_dot, RNN or linalg kernels on CPU, so those stay fp32. Either way parameters, gradients
+    and optimizer state stay fp32 (casts happen inside the graph), and the GEMMs that compute statistics
+    (`dist_nmt.models.exact`) are not cast. tests/integration/amp_layout.py prints the resulting layout of every op.
     """
     if dtype == "fp32":
         return
     from mxnet.contrib import amp
 
     if dtype == "fp16":
-        amp.init(target_dtype="float16")
+        from mxnet.contrib.amp.lists import symbol_fp16
+
+        # batch_dot is only "widest type" in MXNet's list: attention's probs x V would run in fp32, because the
+        # softmax output is fp32. Listed here, both attention products are float16 (tensor cores).
+        amp.init(target_dtype="float16", target_precision_ops=[*symbol_fp16.FP16_FUNCS, "batch_dot"])
         return
     from mxnet.contrib.amp.lists import symbol_bf16
 

@@ -32,6 +32,7 @@ from mxnet.gluon import HybridBlock, nn
 
 from dist_nmt.models import fused as fused_ops
 from dist_nmt.models.attention import CrossAttention, SelfAttention, dense, head_lengths
+from dist_nmt.models.exact import fully_connected
 from dist_nmt.models.hparams import TransformerHParams
 
 
@@ -84,7 +85,9 @@ class LayerNorm(HybridBlock):
     Every per-row reduction and broadcast is a FullyConnected with a constant ones matrix, so forward and
     backward run as oneDNN GEMMs plus same-shape elementwise ops. MXNet 1.9's own LayerNorm backward uses a slow
     generic reduction on CPU: this formulation measured ~2.4x faster forward+backward at (3200, 512).
-    Parameters are named `gamma`/`beta` like gluon.nn.LayerNorm.
+    The GEMMs (here and in `fused`) go through `exact.fully_connected`, so under bf16 / fp16 AMP the statistics and
+    the gamma/beta products stay float32, as MXNet's own LayerNorm does. Parameters are named `gamma`/`beta` like
+    gluon.nn.LayerNorm.
     """
 
     def __init__(self, units: int, epsilon: float = 1e-5, prefix: str | None = None,
@@ -121,10 +124,8 @@ class LayerNorm(HybridBlock):
         gamma, beta = self._gamma_beta(F, x)
         ones = F.ones_like(rstd)  # (..., 1)
         # 1 ⊗ gamma and 1 ⊗ beta as outer products: their backward sums over rows inside the GEMM.
-        scale = F.FullyConnected(ones, F.reshape(gamma, shape=(-1, 1)), no_bias=True, num_hidden=self.units,
-                                 flatten=False)
-        shift = F.FullyConnected(ones, F.reshape(beta, shape=(-1, 1)), no_bias=True, num_hidden=self.units,
-                                 flatten=False)
+        scale = fully_connected(F, ones, F.reshape(gamma, shape=(-1, 1)), self.units)
+        shift = fully_connected(F, ones, F.reshape(beta, shape=(-1, 1)), self.units)
         return xhat * scale + shift
 
     def hybrid_forward(self, F, x, gamma, beta):
@@ -134,14 +135,13 @@ class LayerNorm(HybridBlock):
             return F.LayerNorm(x, gamma, beta, axis=-1, eps=self.epsilon)
         mean_w = F.ones((1, d)) * (1.0 / d)  # row-mean as a (D -> 1) product
         spread_w = F.ones((d, 1))  # broadcast a per-row scalar as a (1 -> D) product
-        mean = F.FullyConnected(x, mean_w, no_bias=True, num_hidden=1, flatten=False)  # (..., 1)
-        xc = x - F.FullyConnected(mean, spread_w, no_bias=True, num_hidden=d, flatten=False)  # (..., D)
-        var = F.FullyConnected(xc * xc, mean_w, no_bias=True, num_hidden=1, flatten=False)  # (..., 1)
+        mean = fully_connected(F, x, mean_w, 1)  # (..., 1)
+        xc = x - fully_connected(F, mean, spread_w, d)  # (..., D)
+        var = fully_connected(F, xc * xc, mean_w, 1)  # (..., 1)
         rstd = F.rsqrt(var + self.epsilon)  # (..., 1)
         # rstd ⊗ gamma and 1 ⊗ beta as outer products: their backward sums over rows inside the GEMM.
-        scale = F.FullyConnected(rstd, F.reshape(gamma, shape=(-1, 1)), no_bias=True, num_hidden=d, flatten=False)
-        shift = F.FullyConnected(F.ones_like(rstd), F.reshape(beta, shape=(-1, 1)), no_bias=True, num_hidden=d,
-                                 flatten=False)
+        scale = fully_connected(F, rstd, F.reshape(gamma, shape=(-1, 1)), d)
+        shift = fully_connected(F, F.ones_like(rstd), F.reshape(beta, shape=(-1, 1)), d)
         return xc * scale + shift
 
 

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from dist_nmt.errors import ConfigError
@@ -99,7 +100,10 @@ def load() -> bool:
     """
     if _state.get("attempted"):
         return bool(_state["loaded"])
-    if not LIBRARY.exists():
+    if _amp_initialized():
+        reason = ("mixed precision is already on: mx.library.load would rebind every MXNet operator and silently undo "
+                  "amp.init; load the fused ops before dist_nmt.precision.init_amp (as train.build_model_for does)")
+    elif not LIBRARY.exists():
         reason = f"{LIBRARY} not found: {_BUILD_HINT}"
     elif not is_current():
         reason = f"{LIBRARY} is stale (fused_ops.cc or flags changed): {_BUILD_HINT}"
@@ -124,6 +128,12 @@ def load() -> bool:
     else:
         log.info("fused CPU ops loaded from %s", LIBRARY)
     return not reason
+
+
+def _amp_initialized() -> bool:
+    """Whether amp.init has patched MXNet in this process (never imports MXNet when nothing else has)."""
+    amp = sys.modules.get("mxnet.contrib.amp.amp")
+    return bool(getattr(amp, "_amp_initialized", False))
 
 
 def unavailable_reason() -> str:

@@ -1,5 +1,9 @@
 """Dynamic loss scaling on CPU (fp32 with scaling): one rank's overflow is everyone's skip, scaling changes
-nothing numerically, and the scale survives a resume. fp16 itself needs a GPU and is refused here."""
+nothing numerically, and the scale survives a resume. fp16 itself needs a GPU and is refused here, but its graph
+is checked: which ops AMP puts in 16 bits and which it keeps in fp32, for fp16 and bf16."""
+import functools
+import json
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -7,7 +11,7 @@ import pytest
 from dist_nmt.errors import PrecisionError
 from dist_nmt.precision import check_precision
 from integration.test_horovod import LAUNCH, hvd_train  # noqa: F401  (launcher definitions)
-from support import FAST, metrics, train
+from support import FAST, PYTHON, metrics, run_cli, train
 
 SCALED = ["precision.loss_scaling=dynamic", "precision.init_scale=1024", "precision.growth_interval=3",
           "train.log_every_updates=1", "model.transformer.dropout=0", "model.transformer.attention_dropout=0"]
@@ -97,3 +101,78 @@ def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, prepared):
 def test_bf16_refused_at_start_on_a_cpu_without_avx512(tmp_path, prepared):
     proc = train([prepared, *FAST, f"train.run_dir={tmp_path}", "precision.dtype=bf16"], check=False)
     assert proc.returncode == 1 and "needs an AVX-512 CPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# The precision layout AMP gives the models (tests/integration/amp_layout.py, one process per dtype: amp.init is
+# global). fp16 cannot run on CPU, but its graph can be built, so a GPU user gets the layout checked here.
+@functools.cache
+def _layout(dtype: str) -> dict:
+    return json.loads(run_cli([PYTHON, "tests/integration/amp_layout.py", dtype], timeout=300).stdout)
+
+
+def _is_norm_gemm(node: dict) -> bool:
+    """A GEMM of our LayerNorm (statistics, gamma/beta outer products): its weight is made of ones, gamma or beta."""
+    return node["weight"] == "_ones" or node["weight"].endswith(("_gamma", "_beta"))
+
+
+def _assert_layout(nodes: list[dict], low: str, batch_dot: str, rnn: str) -> set[str]:
+    """Learned matmuls in `low`; LayerNorm (every form), softmaxes and linalg in float32. Returns the ops seen."""
+    want = {"batch_dot": batch_dot, "RNN": rnn, "softmax": "float32", "log_softmax": "float32",
+            "LayerNorm": "float32", "_linalg_gemm2": "float32", "dn_add_dropout_norm": "float32",
+            "dn_norm": "float32", "dn_add_dropout": "float32", "dn_attention": "float32"}
+    seen = set()
+    for node in nodes:
+        op = node["op"]
+        if op == "FullyConnected":
+            op = "FullyConnected/norm" if _is_norm_gemm(node) else "FullyConnected/learned"
+            expected = "float32" if op == "FullyConnected/norm" else low
+        elif op in want:
+            expected = want[op]
+        else:
+            continue
+        seen.add(op)
+        floats = [t for t in node["inputs"] if t != "int32"]  # softmax's lengths
+        assert floats and all(t == expected for t in floats), (node["name"], node["inputs"], expected)
+    return seen
+
+
+def _assert_loss_fp32(loss: dict) -> None:
+    assert loss["error"] == "", loss["error"]
+    assert [[2, 3, 50], "float32"] in loss["casts"], loss["casts"]  # 16-bit logits widened for log_softmax
+    assert all(to == "float32" for _, to in loss["casts"]), loss["casts"]  # nothing narrowed to 16 bits
+    np.testing.assert_allclose(loss["loss"], loss["reference"], rtol=1e-6)  # a 16-bit vocabulary mean is ~1e-3 off
+
+
+def test_fp16_layout_half_matmuls_fp32_norms_softmax_loss_and_master_weights():
+    layout = _layout("fp16")
+    graphs = layout["variants"]
+    gpu_transformer = graphs["transformer"]  # as on a GPU: MXNet's LayerNorm op
+    for part in ("train", "step"):
+        seen = _assert_layout(gpu_transformer[part], "float16", batch_dot="float16", rnn="float16")
+        assert {"FullyConnected/learned", "batch_dot", "softmax", "LayerNorm"} <= seen, seen
+    assert "log_softmax" in _assert_layout(gpu_transformer["step"], "float16", "float16", "float16")
+    # The GEMM-form LayerNorm (CPU without the fused ops) would also keep its statistics in fp32.
+    assert "FullyConnected/norm" in _assert_layout(graphs["transformer/gemm_norm"]["train"], "float16", "float16",
+                                                   "float16")
+    gnmt = _assert_layout(graphs["gnmt"]["train"], "float16", batch_dot="float16", rnn="float16")
+    assert {"FullyConnected/learned", "RNN", "softmax", "_linalg_gemm2"} <= gnmt, gnmt
+    assert "log_softmax" in _assert_layout(graphs["gnmt"]["step"], "float16", "float16", "float16")
+    _assert_loss_fp32(layout["loss"])
+    assert layout["optimizer"] == {"multi_precision": True, "param_dtypes": ["float32"]}
+
+
+def test_bf16_layout_bf16_fully_connected_fp32_norms_softmax_and_loss():
+    layout = _layout("bf16")
+    graphs = layout["variants"]
+    # MXNet 1.9.1 has bf16 CPU kernels for FullyConnected (and Convolution) only: batch_dot and RNN stay fp32.
+    norm = _assert_layout(graphs["transformer/gemm_norm"]["train"], "bfloat16", batch_dot="float32", rnn="float32")
+    assert {"FullyConnected/learned", "FullyConnected/norm", "batch_dot", "softmax"} <= norm, norm
+    if "transformer/fused" in graphs:  # the CPU default when the fused library builds here
+        fused = _assert_layout(graphs["transformer/fused"]["train"], "bfloat16", "float32", "float32")
+        assert {"FullyConnected/learned", "FullyConnected/norm", "dn_add_dropout_norm", "dn_attention"} <= fused
+    for name in graphs:
+        assert "log_softmax" in _assert_layout(graphs[name]["step"], "bfloat16", "float32", "float32")
+    gnmt = _assert_layout(graphs["gnmt"]["train"], "bfloat16", batch_dot="float32", rnn="float32")
+    assert {"FullyConnected/learned", "RNN", "softmax"} <= gnmt, gnmt
+    _assert_loss_fp32(layout["loss"])
+    assert layout["optimizer"]["param_dtypes"] == ["float32"]  # the weights the optimizer updates are the masters
