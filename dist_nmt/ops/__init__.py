@@ -100,22 +100,17 @@ def load() -> bool:
     """
     if _state.get("attempted"):
         return bool(_state["loaded"])
-    if _amp_initialized():
-        reason = ("mixed precision is already on: mx.library.load would rebind every MXNet operator and silently undo "
-                  "amp.init; load the fused ops before dist_nmt.precision.init_amp (as train.build_model_for does)")
-    elif not LIBRARY.exists():
+    if _amp_initialized():  # a programming error, not a user's: keep the traceback
+        raise RuntimeError("dist_nmt.ops.load() after amp.init: mx.library.load would rebind every MXNet operator and "
+                           "silently undo AMP's casts (bf16 would train in fp32); load the fused ops before "
+                           "dist_nmt.precision.init_amp, as train.build_model_for does")
+    if not LIBRARY.exists():
         reason = f"{LIBRARY} not found: {_BUILD_HINT}"
     elif not is_current():
         reason = f"{LIBRARY} is stale (fused_ops.cc or flags changed): {_BUILD_HINT}"
     else:
         import mxnet as mx
-        from mxnet.contrib.amp import amp
 
-        # mx.library.load regenerates mx.sym/mx.nd, replacing the functions AMP wrapped: a bf16 model built after
-        # it has no casts at all and trains in fp32 without a word. The library goes first (train.build_model_for).
-        if amp._amp_initialized:
-            raise RuntimeError("dist_nmt.ops.load() after mixed precision was initialised would silently undo "
-                               "AMP's casts; load the fused ops before dist_nmt.precision.init_amp")
         _state["attempted"] = True
         try:
             mx.library.load(str(LIBRARY.resolve()), verbose=False)
