@@ -256,8 +256,7 @@ class TransformerEncoder(HybridBlock):
 
 
 class TransformerDecoder(HybridBlock):
-    """Embedding + N decoder layers (+ final LayerNorm when pre-norm) + output projection, teacher forced;
-    time-major inside when `time_major`."""
+    """Embedding + N decoder layers (+ final LayerNorm when pre-norm) + output projection, teacher forced."""
 
     def __init__(self, hp: TransformerHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None,
                  fused: bool = False, attention_impl: str = "batch_dot"):
@@ -271,8 +270,7 @@ class TransformerDecoder(HybridBlock):
             self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, tgt_in, tgt_valid_len, mem, src_valid_len):
-        """tgt_in (B, T), tgt_valid_len (B,), mem (B, S, D) ((S, B, D) when time-major), src_valid_len (B,)
-        -> logits (B, T, V)."""
+        """tgt_in (B, T), tgt_valid_len (B,), mem (B, S, D) or time-major, src_valid_len (B,) -> (B, T, V)."""
         hp = self.hp
         x, positions = embed_sequence(F, self.embed, tgt_in, hp.d_model, hp.dropout)  # (B, T, D)
         # Causal mask as lengths: query t sees keys 0..t. Padded queries (t >= tgt_valid_len) are never seen by
@@ -330,8 +328,7 @@ class TransformerModel(HybridBlock):
     def __init__(self, hparams: TransformerHParams, vocab_size: int, prefix: str = "transformer_",
                  fused_ops: bool = False, attention_impl: str | None = None):
         """`fused_ops`: use the fused CPU ops (needs `dist_nmt.ops.load()` to have succeeded first).
-        `attention_impl`: batch_dot | fused (needs `fused_ops`) | interleaved; None = fused with `fused_ops`,
-        else batch_dot."""
+        `attention_impl`: batch_dot | fused (needs `fused_ops`) | interleaved; None = fused if `fused_ops`."""
         super().__init__(prefix=prefix)
         hp = self.hp = hparams
         if hp.d_model % hp.num_heads or hp.d_model % 2:
