@@ -55,6 +55,9 @@ class ModelConfig:
     arch: str = "transformer"
     # auto: fused CPU ops (dist_nmt/ops) when the library loaded; on: fail if it did not; off: pure MXNet.
     fused_ops: str = "auto"
+    # Transformer attention in training: auto (fused core on CPU when the library loaded, else batch_dot;
+    # interleaved on GPU) | batch_dot | fused | interleaved (MXNet's interleaved matmul ops). No parameter changes.
+    attention_impl: str = "auto"
     transformer: TransformerHParams = field(default_factory=TransformerHParams)
     gnmt: GNMTHParams = field(default_factory=GNMTHParams)
 
@@ -168,6 +171,7 @@ class Config:
 ON_OFF_KEYS = {"model.fused_ops"}
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.fused_ops": ("auto", "on", "off"),
+    "model.attention_impl": ("auto", "batch_dot", "fused", "interleaved"),
     "model.arch": MODEL_NAMES,
     "dist.compression": ("fp16", "none"),
     "model.gnmt.attention": ("mlp", "normed_mlp", "scaled_luong"),
@@ -188,9 +192,11 @@ PROBABILITY = {
     "model.transformer.activation_dropout", "model.gnmt.dropout", "data.character_coverage",
 }
 # Keys whose change makes an existing checkpoint unusable (resume refuses and names them): the architecture and its
-# sizes, the vocabulary and the languages. Dropout rates do not change any parameter, so they may change on resume.
+# sizes, the vocabulary and the languages. Dropout rates and the kernels that compute the same function (fused ops,
+# attention implementation) do not change any parameter, so they may change on resume (or be absent from an older
+# run's config).
 SHAPE_KEYS = ("model", "data.vocab_size", "data.src_lang", "data.tgt_lang")
-RESUMABLE_MODEL_KEYS = re.compile(r"^model\.\w+\.(\w+_)?dropout$")
+RESUMABLE_MODEL_KEYS = re.compile(r"^model\.(\w+\.(\w+_)?dropout|fused_ops|attention_impl)$")
 
 
 def _fail(path: str, msg: str) -> typing.NoReturn:

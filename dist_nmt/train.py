@@ -61,9 +61,13 @@ def build_model_for(cfg: Config, vocab_size: int, ctx: mx.Context) -> mx.gluon.H
     """The configured model, initialised on `ctx` (same seed on every rank), accumulating gradients."""
     # Loss scaling stays with our LossScaler (one state machine over reduced gradients), so amp.init_trainer is
     # deliberately not called: it would install a second scaler.
+    on_gpu = ctx.device_type == "gpu"
     fused = uses_fused_ops(cfg, ctx)  # every rank, before building
+    attention = ops.resolve_attention(cfg.model.attention_impl, fused, on_gpu, cfg.precision.dtype) \
+        if cfg.model.arch == "transformer" else None
     init_amp(cfg.precision.dtype)  # after the library load, which would replace AMP's wrapped mx.sym functions
-    model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), vocab_size, fused_ops=fused)
+    model = build_model(cfg.model.arch, getattr(cfg.model, cfg.model.arch), vocab_size, fused_ops=fused,
+                        attention_impl=attention)
     mx.random.seed(cfg.train.seed)
     model.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3.0), ctx=ctx)
     model.collect_params().setattr("grad_req", "add")  # accumulate micro-batches; zeroed after each update

@@ -24,6 +24,8 @@ from typing import Any
 from dist_nmt.models.hparams import GNMTHParams, TransformerHParams
 
 MODEL_NAMES = ("gnmt", "transformer")
+# How the Transformer's training forward computes attention (dist_nmt.models.attention says what each one is).
+ATTENTION_IMPLS = ("batch_dot", "fused", "interleaved")
 
 
 def _models() -> dict[str, Any]:
@@ -43,17 +45,19 @@ def __getattr__(name: str) -> Any:
 FUSED_OPS_MODELS = ("transformer",)
 
 
-def build_model(arch: str, hparams: Any, vocab_size: int, fused_ops: bool = False) -> Any:
+def build_model(arch: str, hparams: Any, vocab_size: int, fused_ops: bool = False,
+                attention_impl: str | None = None) -> Any:
     """Construct model `arch` (a HybridBlock) with its hyper-parameters (TransformerHParams, GNMTHParams, ...).
 
     `fused_ops=True` (only after `dist_nmt.ops.load()` succeeded) selects the fused CPU ops where the model has
-    them; other models ignore it.
+    them; other models ignore it. `attention_impl` (one of ATTENTION_IMPLS, `fused` only with `fused_ops`) picks
+    the Transformer's attention; None means `fused` with `fused_ops`, else `batch_dot`.
     """
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown model '{arch}'; choose one of: {', '.join(MODEL_NAMES)}")
     if arch in FUSED_OPS_MODELS:
-        return _models()[arch](hparams, vocab_size, fused_ops=fused_ops)
+        return _models()[arch](hparams, vocab_size, fused_ops=fused_ops, attention_impl=attention_impl)
     return _models()[arch](hparams, vocab_size)
 
 
-__all__ = ["MODELS", "MODEL_NAMES", "GNMTHParams", "TransformerHParams", "build_model"]
+__all__ = ["ATTENTION_IMPLS", "MODELS", "MODEL_NAMES", "GNMTHParams", "TransformerHParams", "build_model"]

@@ -9,18 +9,28 @@ and ignores keys at positions >= length. Padding masks use the source valid leng
 mask uses length t+1 for query position t. Lengths are clipped to >= 1 so dummy rows stay finite.
 
 Two code paths share the same parameters:
-- `hybrid_forward` attends whole sequences (training, teacher forcing).
+- `hybrid_forward` attends whole sequences (training, teacher forcing) with one of `ATTENTION_IMPLS`:
+  `batch_dot` (heads split by reshape/transpose, batch_dot, masked softmax, Dropout, batch_dot), `fused` (the same
+  core as one dist_nmt.ops C++ op) or `interleaved` (MXNet's `_contrib_interleaved_matmul_*` ops, the cuBLAS
+  strided-batched path of GluonNLP's BERT: time-major inputs (T, B, D), no head split/merge transposes, built-in
+  masked softmax and Dropout between the two products).
 - `step` attends one query per row against cached keys/values (incremental decoding). The self-attention
   cache keeps the newest key first and one always-masked dummy slot last, so the valid prefix is exactly
   the first t+1 slots and a length mask suffices (key order does not matter to attention).
+
+The interleaved ops want the packed projection rows ordered (H, parts, d_k); the parameters stay ordered
+(parts, H, d_k) as on the other paths, and the graph permutes the (parts*D, D) weight (a copy of the weight, not of
+the activations) before the projection, so every path reads and writes the same checkpoints.
 """
 from __future__ import annotations
 
 import math
 
+import mxnet as mx
 from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
+from dist_nmt.models import ATTENTION_IMPLS
 from dist_nmt.models import fused as fused_ops
 
 
@@ -52,6 +62,13 @@ def head_lengths(F, lengths, num_heads: int):
     return F.cast(lengths, dtype="int32")
 
 
+def check_impl(impl: str) -> str:
+    """`impl` when it names an attention implementation, else ValueError listing them."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation '{impl}'; choose one of: {', '.join(ATTENTION_IMPLS)}")
+    return impl
+
+
 def attend(F, q, k, v, lengths, dropout: float, d_k: int, fused: bool = False):
     """Scaled dot-product attention over whole sequences.
 
@@ -80,6 +97,29 @@ def attend_step(F, q, k, v, lengths, d_k: int):
     return ctx, probs
 
 
+def attend_interleaved(F, scores, lengths, dropout: float):
+    """Masked softmax + Dropout between the interleaved products: scores (B*H, T, S), already scaled by 1/√d_k
+    inside the qk op, lengths (B*H, T) int32 -> probabilities (B*H, T, S)."""
+    probs = F.softmax(scores, length=lengths, use_length=True, axis=-1)
+    return F.Dropout(probs, p=dropout, cudnn_off=True) if dropout else probs
+
+
+def param_value(F, param, like):
+    """A Parameter as a graph value inside a parent block's graph (a symbol, or the array on `like`'s context)."""
+    return param.var() if F is mx.sym else param.data(like.context)
+
+
+def interleaved_projection(F, dense_block: nn.Dense, x, parts: int, num_heads: int):
+    """`dense_block(x)` with output features reordered from (parts, H, d_k) to (H, parts, d_k), the layout of the
+    interleaved ops, by permuting the weight rows and bias: x (T, B, D) -> (T, B, parts*D)."""
+    def interleave(w):  # (parts*H*d_k, ...) rows (parts, H, d_k) -> (H, parts, d_k)
+        return F.reshape_like(F.transpose(F.reshape(w, shape=(parts, num_heads, -1)), axes=(1, 0, 2)), w)
+
+    weight = interleave(param_value(F, dense_block.weight, x))
+    bias = interleave(param_value(F, dense_block.bias, x))
+    return F.FullyConnected(x, weight, bias, num_hidden=dense_block.weight.shape[0], flatten=False)
+
+
 def dense(units: int, in_units: int, prefix: str, use_bias: bool = True, activation: str | None = None) -> nn.Dense:
     """FullyConnected on the last axis (oneDNN), Glorot-uniform weights, shapes known up front (no deferred init).
 
@@ -93,21 +133,28 @@ class SelfAttention(HybridBlock):
     """Multi-head self-attention with one fused Q/K/V projection (one large GEMM instead of three).
 
     Glorot init on the fused (3D, D) weight gives each part the 1/√2 gain fairseq applies to Q, K and V.
+    `impl` is one of ATTENTION_IMPLS; `interleaved` takes and returns time-major (T, B, D).
     """
 
     def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None,
-                 fused: bool = False):
+                 impl: str = "batch_dot"):
         super().__init__(prefix=prefix)
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
-        self.attention_dropout, self.fused = attention_dropout, fused
+        self.attention_dropout, self.impl = attention_dropout, check_impl(impl)
         with self.name_scope():
             self.qkv = dense(3 * d_model, d_model, "qkv_")
             self.out = dense(d_model, d_model, "out_")
 
     def hybrid_forward(self, F, x, lengths):
-        """x (B, T, D), lengths (B*H, T) int32 -> (B, T, D)."""
+        """x (B, T, D) ((T, B, D) when interleaved), lengths (B*H, T) int32 -> same layout as x."""
+        if self.impl == "interleaved":
+            qkv = interleaved_projection(F, self.qkv, x, 3, self.num_heads)  # (T, B, 3D), (H, 3, d_k) order
+            scores = F.contrib.interleaved_matmul_selfatt_qk(qkv, heads=self.num_heads)  # (B*H, T, T)
+            probs = attend_interleaved(F, scores, lengths, self.attention_dropout)
+            ctx = F.contrib.interleaved_matmul_selfatt_valatt(qkv, probs, heads=self.num_heads)  # (T, B, D)
+            return self.out(ctx)
         q, k, v = split_heads(F, self.qkv(x), self.num_heads, 3, self.d_k)  # 3 x (B*H, T, d_k)
-        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k, self.fused)
+        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k, self.impl == "fused")
         return self.out(merge_heads(F, ctx, self.num_heads))
 
     def step(self, F, x, k_cache, v_cache, lengths):
@@ -126,23 +173,32 @@ class SelfAttention(HybridBlock):
 
 
 class CrossAttention(HybridBlock):
-    """Multi-head encoder-decoder attention; keys and values come from one fused K/V projection."""
+    """Multi-head encoder-decoder attention; keys and values come from one fused K/V projection.
+
+    `impl` is one of ATTENTION_IMPLS; `interleaved` takes x, mem and returns time-major ((T, B, D), (S, B, D)).
+    """
 
     def __init__(self, d_model: int, num_heads: int, attention_dropout: float, prefix: str | None = None,
-                 fused: bool = False):
+                 impl: str = "batch_dot"):
         super().__init__(prefix=prefix)
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads
-        self.attention_dropout, self.fused = attention_dropout, fused
+        self.attention_dropout, self.impl = attention_dropout, check_impl(impl)
         with self.name_scope():
             self.q = dense(d_model, d_model, "q_")
             self.kv = dense(2 * d_model, d_model, "kv_")
             self.out = dense(d_model, d_model, "out_")
 
     def hybrid_forward(self, F, x, mem, lengths):
-        """x (B, T, D), mem (B, S, D), lengths (B*H, T) int32 -> (B, T, D)."""
+        """x (B, T, D), mem (B, S, D) (time-major when interleaved), lengths (B*H, T) int32 -> x's layout."""
+        if self.impl == "interleaved":
+            q = self.q(x)  # (T, B, D)
+            kv = interleaved_projection(F, self.kv, mem, 2, self.num_heads)  # (S, B, 2D), (H, 2, d_k) order
+            scores = F.contrib.interleaved_matmul_encdec_qk(q, kv, heads=self.num_heads)  # (B*H, T, S)
+            probs = attend_interleaved(F, scores, lengths, self.attention_dropout)
+            return self.out(F.contrib.interleaved_matmul_encdec_valatt(kv, probs, heads=self.num_heads))
         (q,) = split_heads(F, self.q(x), self.num_heads, 1, self.d_k)  # (B*H, T, d_k)
         k, v = split_heads(F, self.kv(mem), self.num_heads, 2, self.d_k)  # 2 x (B*H, S, d_k)
-        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k, self.fused)
+        ctx = attend(F, q, k, v, lengths, self.attention_dropout, self.d_k, self.impl == "fused")
         return self.out(merge_heads(F, ctx, self.num_heads))
 
     def project_memory(self, F, mem):

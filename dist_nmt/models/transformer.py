@@ -16,9 +16,12 @@ Positions are sinusoidal and computed on the fly, so no length table is stored a
 Source and target embeddings are one matrix, scaled by √D on lookup, and the output projection reuses it when
 `tie_embeddings` (no output bias either way).
 
-`fused_ops=True` (the library loaded by `dist_nmt.ops`) runs residual-add + dropout + LayerNorm and the attention
-core as fused CPU ops during training and teacher-forced forward; parameters and their names are the same either
-way, so checkpoints move freely between the two paths. Incremental decoding always uses built-in ops.
+`fused_ops=True` (the library loaded by `dist_nmt.ops`) runs residual-add + dropout + LayerNorm as fused CPU ops
+during training and teacher-forced forward; `attention_impl` picks the attention there (`batch_dot`, `fused`: the
+fused C++ core, `interleaved`: MXNet's interleaved matmul ops, for which both stacks run time-major (S, B, D) /
+(T, B, D) between one transpose after the embedding and one before the output projection). Parameters, their
+names and shapes are the same on every path, so checkpoints move freely between them. Incremental decoding
+always uses built-in batch-major ops.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from mxnet import init
 from mxnet.gluon import HybridBlock, nn
 
 from dist_nmt.models import fused as fused_ops
-from dist_nmt.models.attention import CrossAttention, SelfAttention, dense, head_lengths
+from dist_nmt.models.attention import CrossAttention, SelfAttention, check_impl, dense, head_lengths
 from dist_nmt.models.exact import fully_connected
 from dist_nmt.models.hparams import TransformerHParams
 
@@ -148,17 +151,18 @@ class LayerNorm(HybridBlock):
 class EncoderLayer(HybridBlock):
     """Self-attention then feed-forward, each wrapped by `residual`."""
 
-    def __init__(self, hp: TransformerHParams, prefix: str | None = None, fused: bool = False):
+    def __init__(self, hp: TransformerHParams, prefix: str | None = None, fused: bool = False,
+                 attention_impl: str = "batch_dot"):
         super().__init__(prefix=prefix)
         self.pre_norm, self.dropout, self.fused = hp.pre_norm, hp.dropout, fused
         with self.name_scope():
             self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_",
-                                           fused=fused)
+                                           impl=attention_impl)
             self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
             self.norm1, self.norm2 = (LayerNorm(hp.d_model, prefix=f"norm{i}_") for i in (1, 2))
 
     def hybrid_forward(self, F, x, lengths):
-        """x (B, S, D), lengths (B*H, S) int32 -> (B, S, D)."""
+        """x (B, S, D) ((S, B, D) with interleaved attention), lengths (B*H, S) int32 -> x's layout."""
         pre, drop, fused = self.pre_norm, self.dropout, self.fused
         x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, lengths),), pre, drop, fused)
         x, _ = residual(F, x, self.norm2, lambda h: (self.ffn(h),), pre, drop, fused)
@@ -168,19 +172,21 @@ class EncoderLayer(HybridBlock):
 class DecoderLayer(HybridBlock):
     """Causal self-attention, cross-attention, feed-forward; `step` is the same layer for one position."""
 
-    def __init__(self, hp: TransformerHParams, prefix: str | None = None, fused: bool = False):
+    def __init__(self, hp: TransformerHParams, prefix: str | None = None, fused: bool = False,
+                 attention_impl: str = "batch_dot"):
         super().__init__(prefix=prefix)
         self.pre_norm, self.dropout, self.fused = hp.pre_norm, hp.dropout, fused
         with self.name_scope():
             self.self_attn = SelfAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="selfatt_",
-                                           fused=fused)
+                                           impl=attention_impl)
             self.cross_attn = CrossAttention(hp.d_model, hp.num_heads, hp.attention_dropout, prefix="crossatt_",
-                                             fused=fused)
+                                             impl=attention_impl)
             self.ffn = FeedForward(hp.d_model, hp.d_ff, hp.activation_dropout, prefix="ffn_")
             self.norm1, self.norm2, self.norm3 = (LayerNorm(hp.d_model, prefix=f"norm{i}_") for i in (1, 2, 3))
 
     def hybrid_forward(self, F, x, self_lengths, mem, mem_lengths):
-        """x (B, T, D), self_lengths (B*H, T), mem (B, S, D), mem_lengths (B*H, T) -> (B, T, D)."""
+        """x (B, T, D), self_lengths (B*H, T), mem (B, S, D), mem_lengths (B*H, T) -> (B, T, D); x and mem
+        time-major ((T, B, D), (S, B, D)) with interleaved attention."""
         pre, drop, fused = self.pre_norm, self.dropout, self.fused
         x, _ = residual(F, x, self.norm1, lambda h: (self.self_attn(h, self_lengths),), pre, drop, fused)
         x, _ = residual(F, x, self.norm2, lambda h: (self.cross_attn(h, mem, mem_lengths),), pre, drop, fused)
@@ -223,23 +229,27 @@ def final_norm(F, norm: LayerNorm | None, x, fused: bool):
 
 
 class TransformerEncoder(HybridBlock):
-    """Embedding + N encoder layers (+ final LayerNorm when pre-norm)."""
+    """Embedding + N encoder layers (+ final LayerNorm when pre-norm); time-major inside when `time_major`."""
 
-    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, prefix: str | None = None, fused: bool = False):
+    def __init__(self, hp: TransformerHParams, embed: nn.Embedding, prefix: str | None = None, fused: bool = False,
+                 attention_impl: str = "batch_dot"):
         super().__init__(prefix=prefix)
-        self.hp, self.fused = hp, fused
+        self.hp, self.fused, self.time_major = hp, fused, attention_impl == "interleaved"
         with self.name_scope():
             self.embed = embed
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_enc_layers):
-                self.layers.add(EncoderLayer(hp, prefix=f"layer{i}_", fused=fused))
+                self.layers.add(EncoderLayer(hp, prefix=f"layer{i}_", fused=fused, attention_impl=attention_impl))
             self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, src, src_valid_len):
-        """src (B, S) token ids, src_valid_len (B,) -> encoder output (B, S, D)."""
+        """src (B, S) token ids, src_valid_len (B,) -> encoder output (B, S, D), or (S, B, D) when time-major
+        (the decoder's layout: the full forward hands it over without transposing back)."""
         hp = self.hp
         x, _ = embed_sequence(F, self.embed, src, hp.d_model, hp.dropout)  # (B, S, D)
         lengths = head_lengths(F, lengths_like(F, src_valid_len, x), hp.num_heads)  # (B*H, S)
+        if self.time_major:
+            x = F.transpose(x, axes=(1, 0, 2))  # (S, B, D)
         for layer in self.layers:
             x = layer(x, lengths)
         return final_norm(F, self.final_norm, x, self.fused)
@@ -249,18 +259,18 @@ class TransformerDecoder(HybridBlock):
     """Embedding + N decoder layers (+ final LayerNorm when pre-norm) + output projection, teacher forced."""
 
     def __init__(self, hp: TransformerHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None,
-                 fused: bool = False):
+                 fused: bool = False, attention_impl: str = "batch_dot"):
         super().__init__(prefix=prefix)
-        self.hp, self.fused = hp, fused
+        self.hp, self.fused, self.time_major = hp, fused, attention_impl == "interleaved"
         with self.name_scope():
             self.embed, self.proj = embed, proj
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_dec_layers):
-                self.layers.add(DecoderLayer(hp, prefix=f"layer{i}_", fused=fused))
+                self.layers.add(DecoderLayer(hp, prefix=f"layer{i}_", fused=fused, attention_impl=attention_impl))
             self.final_norm = LayerNorm(hp.d_model, prefix="final_norm_") if hp.pre_norm else None
 
     def hybrid_forward(self, F, tgt_in, tgt_valid_len, mem, src_valid_len):
-        """tgt_in (B, T), tgt_valid_len (B,), mem (B, S, D), src_valid_len (B,) -> logits (B, T, V)."""
+        """tgt_in (B, T), tgt_valid_len (B,), mem (B, S, D) or time-major, src_valid_len (B,) -> (B, T, V)."""
         hp = self.hp
         x, positions = embed_sequence(F, self.embed, tgt_in, hp.d_model, hp.dropout)  # (B, T, D)
         # Causal mask as lengths: query t sees keys 0..t. Padded queries (t >= tgt_valid_len) are never seen by
@@ -268,9 +278,13 @@ class TransformerDecoder(HybridBlock):
         causal = F.broadcast_like(F.reshape(positions + 1, shape=(1, -1)), x, lhs_axes=(0,), rhs_axes=(0,))
         self_lengths = head_lengths(F, causal, hp.num_heads)  # (B*H, T)
         mem_lengths = head_lengths(F, lengths_like(F, src_valid_len, x), hp.num_heads)  # (B*H, T)
+        if self.time_major:
+            x = F.transpose(x, axes=(1, 0, 2))  # (T, B, D)
         for layer in self.layers:
             x = layer(x, self_lengths, mem, mem_lengths)
         x = final_norm(F, self.final_norm, x, self.fused)
+        if self.time_major:
+            x = F.transpose(x, axes=(1, 0, 2))  # (B, T, D): D wide, cheaper than transposing the V-wide logits
         # Zero padded positions so their logits are exactly 0 (finite, uniform) whatever the inputs there.
         x = F.SequenceMask(x, sequence_length=tgt_valid_len, use_sequence_length=True, axis=1)
         return self.proj(x)  # (B, T, V)
@@ -312,12 +326,16 @@ class TransformerModel(HybridBlock):
     """The dist_nmt model contract (see `dist_nmt.models`): forward, encode, init_decode_states, decode_step."""
 
     def __init__(self, hparams: TransformerHParams, vocab_size: int, prefix: str = "transformer_",
-                 fused_ops: bool = False):
-        """`fused_ops`: use the fused CPU ops (needs `dist_nmt.ops.load()` to have succeeded first)."""
+                 fused_ops: bool = False, attention_impl: str | None = None):
+        """`fused_ops`: use the fused CPU ops (needs `dist_nmt.ops.load()` to have succeeded first).
+        `attention_impl`: batch_dot | fused (needs `fused_ops`) | interleaved; None = fused if `fused_ops`."""
         super().__init__(prefix=prefix)
         hp = self.hp = hparams
         if hp.d_model % hp.num_heads or hp.d_model % 2:
             raise ValueError(f"d_model={hp.d_model} must be even and divisible by num_heads={hp.num_heads}")
+        impl = self.attention_impl = check_impl(attention_impl or ("fused" if fused_ops else "batch_dot"))
+        if impl == "fused" and not fused_ops:
+            raise ValueError("attention_impl='fused' needs fused_ops=True (the dist_nmt.ops library loaded)")
         with self.name_scope():
             self.embed = nn.Embedding(vocab_size, hp.d_model, prefix="embed_",
                                       weight_initializer=init.Normal(hp.d_model ** -0.5))
@@ -326,8 +344,9 @@ class TransformerModel(HybridBlock):
                                      params=self.embed.params)
             else:
                 self.proj = dense(vocab_size, hp.d_model, "proj_", use_bias=False)
-            self.encoder = TransformerEncoder(hp, self.embed, prefix="enc_", fused=fused_ops)
-            self.decoder = TransformerDecoder(hp, self.embed, self.proj, prefix="dec_", fused=fused_ops)
+            self.encoder = TransformerEncoder(hp, self.embed, prefix="enc_", fused=fused_ops, attention_impl=impl)
+            self.decoder = TransformerDecoder(hp, self.embed, self.proj, prefix="dec_", fused=fused_ops,
+                                              attention_impl=impl)
             self.step_block = DecoderStep(self.decoder, prefix="step_")
 
     def hybrid_forward(self, F, src, src_valid_len, tgt_in, tgt_valid_len):
@@ -344,7 +363,8 @@ class TransformerModel(HybridBlock):
 
     def encode(self, src, src_valid_len) -> list:
         """Encoder states [memory (B, S, D), src_valid_len (B,)], batch-first."""
-        return [self.encoder(src, src_valid_len), src_valid_len]
+        mem = self.encoder(src, src_valid_len)
+        return [mem.transpose((1, 0, 2)) if self.encoder.time_major else mem, src_valid_len]  # (B, S, D)
 
     def init_decode_states(self, enc_states: list) -> list:
         """[step (B,), src_valid_len (B,), mem k/v per layer (B, H, S, d_k), self k/v per layer (B, H, 1, d_k)].

@@ -5,7 +5,8 @@
 
     from dist_nmt import ops
     fused = ops.resolve("auto")       # model.fused_ops: auto | on | off -> bool, loads the library if needed
-    model = build_model("transformer", hparams, vocab_size, fused_ops=fused)
+    impl = ops.resolve_attention("auto", fused)  # model.attention_impl -> batch_dot | fused | interleaved
+    model = build_model("transformer", hparams, vocab_size, fused_ops=fused, attention_impl=impl)
 
 The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout`, `dn_attention` and `dn_smoothed_nll`
 (fused_ops.cc states their contracts); `dist_nmt.models.fused` calls the first four as `F.dn_*`, the training and
@@ -31,6 +32,7 @@ SOURCE = Path(__file__).with_name("fused_ops.cc")
 LIBRARY = Path(__file__).with_name("libdist_nmt_ops.so")
 STAMP = LIBRARY.with_suffix(".so.sha256")
 FUSED_OPS_MODES = ("auto", "on", "off")
+ATTENTION_MODES = ("auto", "batch_dot", "fused", "interleaved")
 _BUILD_HINT = "build it with `bash scripts/bootstrap.sh` or `python -m dist_nmt.ops build` (needs g++)"
 
 _state: dict[str, object] = {}  # "attempted", "loaded": bool, "reason": str — one MXNet load per process
@@ -168,4 +170,27 @@ def resolve(mode: str, on_gpu: bool = False) -> bool:
     return False
 
 
-__all__ = ["FUSED_OPS_MODES", "build", "is_current", "load", "resolve", "unavailable_reason"]
+def resolve_attention(mode: str, fused: bool, on_gpu: bool = False, dtype: str = "fp32") -> str:
+    """`model.attention_impl` -> the Transformer's attention: batch_dot | fused | interleaved.
+
+    auto: the fused C++ core on CPU when the library loaded (`fused`, from `resolve`), else batch_dot; MXNet's
+    interleaved matmul ops on GPU (the cuBLAS strided-batched path). Impossible choices raise naming the fix.
+    """
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"model.attention_impl={mode!r}; choose one of: {', '.join(ATTENTION_MODES)}")
+    impl = mode
+    if mode == "auto":
+        impl = "interleaved" if on_gpu else "fused" if fused else "batch_dot"
+    elif mode == "fused" and not fused:
+        fix = "use model.attention_impl=auto or interleaved on GPU" if on_gpu else \
+            f"set model.fused_ops=auto or on, or choose batch_dot ({unavailable_reason() or 'fused ops off'})"
+        raise ConfigError(f"model.attention_impl=fused needs the fused CPU ops library: {fix}")
+    elif mode == "interleaved" and dtype == "bf16" and not on_gpu:
+        raise ConfigError("model.attention_impl=interleaved: MXNet's interleaved matmul ops are fp32-only on CPU; "
+                          "with precision.dtype=bf16 use model.attention_impl=auto, fused or batch_dot")
+    log.info("Transformer attention: %s (model.attention_impl=%s)", impl, mode)
+    return impl
+
+
+__all__ = ["ATTENTION_MODES", "FUSED_OPS_MODES", "build", "is_current", "load", "resolve", "resolve_attention",
+           "unavailable_reason"]

@@ -59,6 +59,17 @@ def test_resume_equals_uninterrupted(tmp_path, prepared):
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_resume_switches_attention_implementation(tmp_path, prepared):
+    """Every attention implementation reads the same checkpoints: a batch_dot run resumes on the interleaved ops."""
+    run = tmp_path / "run"
+    common = [prepared, *FAST, f"train.run_dir={run}", "train.save_every_updates=3", "train.log_every_updates=1"]
+    train([*common, "train.max_updates=3", "model.attention_impl=batch_dot"])
+    proc = train([*common, "train.max_updates=6", "model.attention_impl=interleaved"])
+    assert "resumed from" in proc.stderr and "at update 3" in proc.stderr
+    assert "Transformer attention: interleaved" in proc.stderr
+    assert [r["update"] for r in metrics(run, "train")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_corrupt_latest_checkpoint_falls_back_and_shape_change_is_refused(tmp_path, prepared):
     run = tmp_path / "run"
     common = [prepared, *FAST, f"train.run_dir={run}"]
@@ -75,7 +86,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_shape_change_is_refused(tmp_pa
 
 def test_nan_updates_are_skipped_then_fatal_with_good_checkpoint(tmp_path, prepared):
     run = tmp_path / "run"
-    common = [prepared, *FAST, f"train.run_dir={run}", "train.save_every_updates=3"]
+    common = [prepared, *FAST, f"train.run_dir={run}", "train.save_every_updates=3", "train.log_every_updates=1"]
     proc = train([*common, "train.max_updates=8"], env={"DIST_NMT_INJECT_NAN": "5"})
     assert "update 5 skipped" in proc.stderr
     assert metrics(run, "train")[-1]["skipped"] == 1

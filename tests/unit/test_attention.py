@@ -6,8 +6,10 @@ import math
 import mxnet as mx
 import numpy as np
 import pytest
+from mxnet import autograd
 
 from dist_nmt.models.attention import (
+    CrossAttention,
     LuongAttention,
     MLPAttention,
     SelfAttention,
@@ -132,3 +134,74 @@ def test_one_query_at_a_time_equals_all_queries(kind):
         np.testing.assert_allclose(probs_t.asnumpy()[:, 0], probs.asnumpy()[:, t], atol=1e-6)
     with pytest.raises(ValueError, match="choose one of: mlp, normed_mlp, scaled_luong"):
         gnmt_attention("dot", 16)
+
+
+def run_block(block, inputs, lengths, head_grad, time_major: bool):
+    """block(*inputs, lengths) hybridized: output (B, T, D) and the gradients of every input and parameter.
+
+    Inputs are batch-major (B, T, D); a time-major block gets them transposed and its output transposed back."""
+    block.hybridize(static_alloc=True)
+    arrays = [x.transpose((1, 0, 2)) if time_major else x.copy() for x in inputs]
+    for x in arrays:
+        x.attach_grad()
+    params = block.collect_params()
+    params.zero_grad()
+    with autograd.record():
+        out = block(*arrays, lengths)
+        out = out.transpose((1, 0, 2)) if time_major else out
+    out.backward(head_grad)
+    grads = [x.grad.transpose((1, 0, 2)) if time_major else x.grad for x in arrays]
+    return out.asnumpy(), [g.asnumpy() for g in grads], {n: p.grad().asnumpy() for n, p in params.items()}
+
+
+def interleaved_and_batch_dot(cls, seed: int, inputs, lengths):
+    """The same block (same parameters, random biases) on the batch_dot and interleaved paths."""
+    mx.random.seed(seed)
+    results = []
+    for impl in ("batch_dot", "interleaved"):
+        block = cls(d_model=24, num_heads=3, attention_dropout=0.0, prefix="att_", impl=impl)
+        block.initialize()
+        if impl == "batch_dot":
+            values = {n: mx.nd.random.normal(scale=0.3, shape=p.shape) for n, p in block.collect_params().items()}
+        for name, param in block.collect_params().items():
+            param.set_data(values[name])
+        head_grad = mx.nd.array(np.random.RandomState(seed).randn(*inputs[0].shape))
+        results.append(run_block(block, inputs, lengths, head_grad, time_major=impl == "interleaved"))
+    return results
+
+
+def assert_same_values_and_gradients(got, expected):
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-4, rtol=1e-4)
+    for g, e in zip(got[1], expected[1], strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-4, rtol=1e-4)
+    assert got[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        np.testing.assert_allclose(got[2][name], expected[2][name], atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch, t", [(2, 5), (4, 9), (1, 3)])
+def test_interleaved_self_attention_equals_batch_dot(batch, t, causal):
+    rng = np.random.RandomState(batch * t)
+    x = mx.nd.array(rng.randn(batch, t, 24))
+    if causal:
+        per_row = np.tile(np.arange(1, t + 1), (batch, 1))
+    else:
+        per_row = np.repeat(rng.randint(1, t + 1, size=(batch, 1)), t, axis=1)
+        per_row[0] = t
+    lengths = head_lengths(mx.nd, mx.nd.array(per_row), num_heads=3)  # (B*H, T)
+    expected, got = interleaved_and_batch_dot(SelfAttention, batch + t, [x], lengths)
+    assert_same_values_and_gradients(got, expected)
+
+
+@pytest.mark.parametrize("batch, t, s", [(2, 4, 7), (3, 6, 2), (1, 1, 5)])
+def test_interleaved_cross_attention_equals_batch_dot(batch, t, s):
+    rng = np.random.RandomState(batch + t + s)
+    x, mem = mx.nd.array(rng.randn(batch, t, 24)), mx.nd.array(rng.randn(batch, s, 24))
+    src_len = rng.randint(1, s + 1, size=(batch, 1))
+    src_len[0] = s
+    lengths = head_lengths(mx.nd, mx.nd.array(np.repeat(src_len, t, axis=1)), num_heads=3)  # (B*H, T)
+    expected, got = interleaved_and_batch_dot(CrossAttention, batch * s, [x, mem], lengths)
+    assert_same_values_and_gradients(got, expected)
+    for b, n in enumerate(src_len[:, 0]):  # source padding gets no gradient through attention on either path
+        np.testing.assert_array_equal(got[1][1][b, n:], 0)

@@ -38,6 +38,8 @@ def test_unknown_section():
     ({"model": {"arch": "gnmtt"}, **RUNNABLE},
      r"'model.arch': invalid value 'gnmtt'; choose one of: gnmt, transformer"),
     ({"precision": {"dtype": "fp8"}, **RUNNABLE}, r"choose one of: bf16, fp16, fp32"),
+    ({"model": {"attention_impl": "flash"}, **RUNNABLE},
+     r"'model.attention_impl': invalid value 'flash'; choose one of: auto, batch_dot, fused, interleaved"),
     ({"dist": {"compression": "int8"}, **RUNNABLE},
      r"'dist.compression': invalid value 'int8'; choose one of: fp16, none"),
     ({"optim": {"label_smoothing": 1.5}, **RUNNABLE}, r"'optim.label_smoothing': must be between 0 and 1"),
@@ -89,6 +91,13 @@ def test_shape_diff_names_model_keys_only():
     a = flatten(load_config("configs/tiny.yaml"))
     b = flatten(load_config("configs/tiny.yaml", ["model.transformer.d_model=32", "train.max_updates=99"]))
     assert shape_diff(a, b) == ["model.transformer.d_model"]
+
+
+def test_kernel_choices_may_change_on_resume_and_be_missing_from_older_runs():
+    old = flatten(load_config("configs/tiny.yaml"))
+    del old["model.attention_impl"]  # a run saved before the key existed
+    new = flatten(load_config("configs/tiny.yaml", ["model.attention_impl=interleaved", "model.fused_ops=off"]))
+    assert shape_diff(old, new) == []
 
 
 @pytest.mark.parametrize("raw,expected", [("on", "on"), ("off", "off"), ("auto", "auto"), ("true", "on")])

@@ -250,6 +250,40 @@ def test_resolve_modes():
     assert ops.is_current()
 
 
+def test_resolve_attention_modes():
+    assert ops.resolve_attention("auto", fused=True) == "fused"
+    assert ops.resolve_attention("auto", fused=False) == "batch_dot"
+    assert ops.resolve_attention("auto", fused=False, on_gpu=True) == "interleaved"
+    assert ops.resolve_attention("interleaved", fused=True) == "interleaved"
+    assert ops.resolve_attention("batch_dot", fused=True) == "batch_dot"
+    with pytest.raises(ConfigError, match="set model.fused_ops=auto or on"):
+        ops.resolve_attention("fused", fused=False)
+    with pytest.raises(ConfigError, match="interleaved on GPU"):
+        ops.resolve_attention("fused", fused=False, on_gpu=True)
+    with pytest.raises(ConfigError, match="fp32-only on CPU"):
+        ops.resolve_attention("interleaved", fused=True, dtype="bf16")
+    assert ops.resolve_attention("interleaved", fused=False, on_gpu=True, dtype="fp16") == "interleaved"
+    with pytest.raises(ValueError, match="choose one of: auto, batch_dot, fused, interleaved"):
+        ops.resolve_attention("flash", fused=True)
+
+
+@pytest.mark.parametrize("impl", ["batch_dot", "interleaved"])
+def test_fused_layer_norm_with_other_attention_equals_plain_model(impl):
+    """fused_ops (residual + LayerNorm) combine with every attention implementation."""
+    hp = replace(TINY, pre_norm=True)
+    mx.random.seed(0)
+    fused = build_model("transformer", hp, VOCAB, fused_ops=True, attention_impl=impl)
+    fused.initialize(mx.init.Xavier(magnitude=3))
+    fused.hybridize(static_alloc=True)
+    plain = make_model(hp, False)
+    plain.collect_params().zero_grad()
+    for name, param in fused.collect_params().items():
+        param.set_data(plain.collect_params()[name].data())
+    src, src_len, tgt_in, _, tgt_len = tiny_batch()
+    np.testing.assert_allclose(fused(src, src_len, tgt_in, tgt_len).asnumpy(),
+                               plain(src, src_len, tgt_in, tgt_len).asnumpy(), atol=2e-5)
+
+
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
 def test_fused_loss_equals_label_smoothed_nll(epsilon):

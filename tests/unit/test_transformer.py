@@ -1,4 +1,5 @@
-"""TransformerModel: incremental decoding equals teacher forcing, masking, dummy rows, names, presets."""
+"""TransformerModel: incremental decoding equals teacher forcing, masking, dummy rows, names, presets; the
+interleaved attention path equals the batch_dot one (forward, gradients, a training curve)."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,10 +8,11 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import autograd
+from mxnet import autograd, gluon
 from mxnet.gluon import nn
 
 from dist_nmt.config import load_config
+from dist_nmt.loss import label_smoothed_nll
 from dist_nmt.models import MODELS, TransformerHParams, build_model
 from dist_nmt.models.transformer import LayerNorm
 
@@ -20,9 +22,9 @@ TINY = TransformerHParams(num_enc_layers=2, num_dec_layers=2, d_model=32, d_ff=6
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
-def make_model(hp: TransformerHParams = TINY, seed: int = 0, hybridize: bool = True):
+def make_model(hp: TransformerHParams = TINY, seed: int = 0, hybridize: bool = True, impl: str = "batch_dot"):
     mx.random.seed(seed)
-    model = build_model("transformer", hp, VOCAB)
+    model = build_model("transformer", hp, VOCAB, attention_impl=impl)
     model.initialize()
     if hybridize:
         model.hybridize(static_alloc=True)
@@ -46,9 +48,10 @@ def incremental_log_probs(model, src, src_len, tgt):
     return mx.nd.stack(*steps, axis=1), attn  # (B, T, V), last (B, S)
 
 
+@pytest.mark.parametrize("impl", ["batch_dot", "interleaved"])
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_incremental_decoding_equals_teacher_forced_forward(pre_norm):
-    model = make_model(replace(TINY, pre_norm=pre_norm))
+def test_incremental_decoding_equals_teacher_forced_forward(pre_norm, impl):
+    model = make_model(replace(TINY, pre_norm=pre_norm), impl=impl)
     src, src_len, tgt, _ = batch()
     full_len = mx.nd.full((3,), tgt.shape[1])
     expected = mx.nd.log_softmax(model(src, src_len, tgt, full_len), axis=-1).asnumpy()
@@ -139,3 +142,76 @@ def test_presets_load_and_tiny_builds(preset):
         model.initialize()
         src, src_len, tgt, tgt_len = batch()
         assert model(src, src_len, tgt, tgt_len).shape == (3, 6, VOCAB)
+
+
+def forward_and_gradients(model, src, src_len, tgt, tgt_len):
+    """Logits and every parameter's gradient of a token-sum loss."""
+    params = model.collect_params()
+    params.zero_grad()
+    with autograd.record():
+        logits = model(src, src_len, tgt, tgt_len)
+        loss = (mx.nd.log_softmax(logits, axis=-1) * mx.nd.SequenceMask(
+            mx.nd.ones_like(logits), sequence_length=tgt_len, use_sequence_length=True, axis=1)).sum()
+    loss.backward()
+    return logits.asnumpy(), {name: p.grad().asnumpy() for name, p in params.items()}
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_interleaved_attention_equals_batch_dot_in_values_and_gradients(pre_norm):
+    hp = replace(TINY, pre_norm=pre_norm, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    plain, inter = make_model(hp, impl="batch_dot"), make_model(hp, impl="interleaved")
+    names = list(plain.collect_params().keys())
+    assert list(inter.collect_params().keys()) == names  # same names and shapes: checkpoints move freely
+    assert all(inter.collect_params()[n].shape == plain.collect_params()[n].shape for n in names)
+    # Random biases too, so a wrong row permutation of a packed projection's bias would show.
+    rng = np.random.RandomState(3)
+    for name in names:
+        value = mx.nd.array(rng.randn(*plain.collect_params()[name].shape) * 0.2)
+        plain.collect_params()[name].set_data(value)
+        inter.collect_params()[name].set_data(value)
+    expected_logits, expected_grads = forward_and_gradients(plain, *batch())
+    logits, grads = forward_and_gradients(inter, *batch())
+    np.testing.assert_allclose(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    for name in names:
+        np.testing.assert_allclose(grads[name], expected_grads[name], atol=1e-4, rtol=1e-3, err_msg=name)
+
+
+def test_checkpoint_moves_between_attention_impls(tmp_path):
+    plain, inter = make_model(seed=1), make_model(seed=2, impl="interleaved")
+    plain.save_parameters(str(tmp_path / "plain.params"))
+    inter.load_parameters(str(tmp_path / "plain.params"))
+    src, src_len, tgt, tgt_len = batch()
+    np.testing.assert_allclose(inter(src, src_len, tgt, tgt_len).asnumpy(),
+                               plain(src, src_len, tgt, tgt_len).asnumpy(), atol=1e-5)
+
+
+def loss_curve(impl: str, num_updates: int = 20) -> list[float]:
+    hp = replace(TINY, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    model = make_model(hp, impl=impl)
+    model.collect_params().setattr("grad_req", "add")
+    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": 3e-3})
+    src, src_len, tgt, tgt_len = batch()
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    tgt_len = mx.nd.minimum(tgt_len, tgt_in.shape[1])
+    losses = []
+    for _ in range(num_updates):
+        with autograd.record():
+            loss, _ = label_smoothed_nll(model(src, src_len, tgt_in, tgt_len), tgt_out, tgt_len, 0.1)
+        loss.backward()
+        trainer.step(float(tgt_len.sum().asscalar()))
+        model.collect_params().zero_grad()
+        losses.append(float(loss.asscalar()))
+    return losses
+
+
+def test_interleaved_and_batch_dot_train_the_same_loss_curve():
+    plain, inter = loss_curve("batch_dot"), loss_curve("interleaved")
+    assert inter[-1] < 0.7 * inter[0]  # it learns the batch
+    np.testing.assert_allclose(inter, plain, rtol=2e-4)
+
+
+def test_attention_impl_is_checked():
+    with pytest.raises(ValueError, match="choose one of: batch_dot, fused, interleaved"):
+        build_model("transformer", TINY, VOCAB, attention_impl="flash")
+    with pytest.raises(ValueError, match="needs fused_ops=True"):
+        build_model("transformer", TINY, VOCAB, attention_impl="fused")
