@@ -7,9 +7,9 @@
     fused = ops.resolve("auto")       # model.fused_ops: auto | on | off -> bool, loads the library if needed
     model = build_model("transformer", hparams, vocab_size, fused_ops=fused)
 
-The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout` and `dn_attention` (fused_ops.cc states
-their contracts); `dist_nmt.models.fused` calls them as `F.dn_*`. Every rank must call `resolve` (or `load`)
-before its model is built, so that all ranks run the same graph.
+The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout`, `dn_attention`, `dn_additive_score` and
+`dn_smoothed_nll` (fused_ops.cc states their contracts); `dist_nmt.models.fused` calls them as `F.dn_*`. Every rank
+must call `resolve` (or `load`) before its model is built, so that all ranks run the same graph.
 """
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ def compile_flags() -> list[str]:
     # -fopenmp links the system libgomp.so.1, the same OpenMP runtime libmxnet.so already loaded.
     # -Bsymbolic: Horovod's MXNet extension exports its own copy of lib_api's mxnet::ext symbols; without it this
     # library's op registry binds to Horovod's and dlopen dies with SIGFPE when Horovod was imported first.
-    return ["-O3", *arch.split(), "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wl,-Bsymbolic"]
+    # -fno-trapping-math: lets GCC turn float compares into selects (the tanh clamp of dn_additive_score), without
+    # which those loops stay scalar; results are unchanged, only FP exception flags may differ.
+    return ["-O3", *arch.split(), "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+            "-Wl,-Bsymbolic"]
 
 
 def source_hash() -> str:
