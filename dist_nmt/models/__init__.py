@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
 
 # Models that can run on the fused CPU ops of dist_nmt.ops (constructor argument `fused_ops`).
-FUSED_OPS_MODELS = ("transformer",)
+FUSED_OPS_MODELS = ("gnmt", "transformer")
 
 
 def build_model(arch: str, hparams: Any, vocab_size: int, fused_ops: bool = False,

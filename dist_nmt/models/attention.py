@@ -241,12 +241,17 @@ class MLPAttention(HybridBlock):
     every slice's tanh input and output, so the saving is partial: forward + backward of one block at
     B = T = S = 32, A = 512 (a 64 MB (B, T, S, A) tensor) grew peak RSS by 300 MB unchunked, 296 MB at 128 units,
     211 MB at 64, against 38 MB for `LuongAttention` (MXNET_MEMORY_OPT / MXNET_BACKWARD_DO_MIRROR changed
-    nothing). Removing the tensor needs a fused score op that recomputes tanh in backward.
+    nothing).
+
+    `fused` (the fused CPU ops loaded): the score is one `dn_additive_score` op (`models.fused.additive_score`)
+    that keeps nothing (B, T, S, A) and recomputes tanh in backward; `chunk_units` is then unused. The parameters,
+    the query projection, the weight normalisation and the masked softmax stay built-in ops on both paths.
     """
 
-    def __init__(self, units: int, normalized: bool, chunk_units: int = 0, prefix: str | None = None):
+    def __init__(self, units: int, normalized: bool, chunk_units: int = 0, prefix: str | None = None,
+                 fused: bool = False):
         super().__init__(prefix=prefix)
-        self.units, self.normalized = units, normalized
+        self.units, self.normalized, self.fused = units, normalized, fused
         self.chunk_units = chunk_units if 0 < chunk_units < units else units
         with self.name_scope():
             self.query_proj = nn.Dense(units, flatten=False, in_units=units, prefix="query_")
@@ -259,6 +264,9 @@ class MLPAttention(HybridBlock):
         q = self.query_proj(query)  # (B, T, A)
         if self.normalized:
             v = F.broadcast_mul(v, F.reshape(g / F.sqrt(F.sum(F.square(v))), shape=(1, 1)))
+        if self.fused:  # the reshape is the built-in op that adds dv into the Parameter's gradient
+            scores = fused_ops.additive_score(F, q, keys, F.reshape(v, shape=(-1,)))  # (B, T, S)
+            return _attend_values(F, scores, values, lengths)
         scores = None
         for begin in range(0, self.units, self.chunk_units):
             end = min(begin + self.chunk_units, self.units)
@@ -296,10 +304,14 @@ ADDITIVE_ATTENTION = ("mlp", "normed_mlp")
 GNMT_ATTENTION = ADDITIVE_ATTENTION + ("scaled_luong",)
 
 
-def gnmt_attention(kind: str, units: int, chunk_units: int = 0, prefix: str | None = None) -> HybridBlock:
-    """The GNMT decoder's attention block by name: mlp, normed_mlp (additive) or scaled_luong."""
+def gnmt_attention(kind: str, units: int, chunk_units: int = 0, prefix: str | None = None,
+                   fused: bool = False) -> HybridBlock:
+    """The GNMT decoder's attention block by name: mlp, normed_mlp (additive) or scaled_luong.
+
+    `fused`: additive scores through the fused CPU op (scaled_luong has no 4-D tensor and ignores it).
+    """
     if kind == "scaled_luong":
         return LuongAttention(units, prefix=prefix)
     if kind in ADDITIVE_ATTENTION:
-        return MLPAttention(units, kind == "normed_mlp", chunk_units, prefix=prefix)
+        return MLPAttention(units, kind == "normed_mlp", chunk_units, prefix=prefix, fused=fused)
     raise ValueError(f"unknown attention '{kind}'; choose one of: {', '.join(GNMT_ATTENTION)}")

@@ -1,6 +1,6 @@
 """Graph helpers for the fused CPU ops (`F.dn_*`, registered by `dist_nmt.ops.load()`; contracts in fused_ops.cc).
 
-Shapes: N rows, D model dim, BH = batch*heads, T queries, S keys, d_k head dim.
+Shapes: N rows, D model dim, BH = batch*heads, B batch, T queries, S keys, d_k head dim, A attention units.
 
 Models only call these when built with `fused_ops=True`, which the trainer passes after the library loaded
 (`dist_nmt.ops.resolve`). Inputs go through `amp_cast` to float32 (a no-op in fp32): under bf16 AMP the projections
@@ -30,7 +30,11 @@ def dropout_ctrl(F, p: float):
 
 
 def fp32(F, x):
-    """x as float32 without a copy when it already is (AMP may hand these ops bf16 activations)."""
+    """x as float32 without a copy when it already is (AMP may hand these ops bf16 activations).
+
+    Only for outputs of other ops: on a leaf with grad_req 'add', MXNet 1.9.1's float32->float32 amp_cast passes
+    back a zero gradient (measured), so the fused ops never take a Parameter or a graph input directly.
+    """
     return F.amp_cast(x, dtype="float32")
 
 
@@ -62,3 +66,13 @@ def attention(F, q, k, v, lengths, p: float, d_k: int):
     ctx, _ = F.dn_attention(fp32(F, q), fp32(F, k), fp32(F, v), F.cast(lengths, dtype="float32"),
                             dropout_ctrl(F, p), p=p, scale=1.0 / math.sqrt(d_k))
     return ctx
+
+
+def additive_score(F, q, k, v):
+    """vᵀ tanh(q_t + k_s) for every query/key pair without the (B, T, S, A) hidden tensor; tanh is recomputed in
+    backward. q (B, T, A), k (B, S, A), v (A,) -> scores (B, T, S), unmasked (the softmax masks them).
+
+    `v` must come out of a built-in op (a reshape of the Parameter, or the weight-normalised vector): the op's
+    backward writes dv, and MXNet must be the one adding it into the Parameter's gradient (grad_req 'add').
+    """
+    return F.dn_additive_score(fp32(F, q), fp32(F, k), fp32(F, v))

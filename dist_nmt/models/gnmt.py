@@ -33,6 +33,8 @@ Wiring (layers numbered from 1, as in the paper):
   exactly 0.
 - Incremental decoding uses `LSTMCell`s holding the very same Parameter objects as the fused layers, and the
   same attention block with T = 1, so stepping reproduces the teacher-forced forward (tested to 1e-5).
+- `fused_ops=True` (model.fused_ops, the fused CPU ops loaded) computes the additive score with one op
+  (`dn_additive_score`) that stores no (B, T, S, A) tensor; parameters and their names are the same either way.
 
 Speed notes (2 cores, OMP_NUM_THREADS=2, MXNet 1.9.1 CPU; the machine was shared, so best of several runs):
 - gnmt_2x512, vocab 8000, tied, hybridized (static_alloc), Adam, batch 128 x 25, forward + backward + update:
@@ -145,6 +147,18 @@ def final_states(F, lstm: rnn.LSTM, inp, out, lengths, with_cell: bool = True):
     return h, F.sum(F.exp(decay) * ig, axis=0)  # (B, U)
 
 
+def _log_attention_path(hp: GNMTHParams, fused: bool) -> None:
+    """Say which additive-score implementation the model runs (memory differs by orders of magnitude)."""
+    if hp.attention not in ADDITIVE_ATTENTION:
+        return
+    if fused:
+        logger.info("GNMT %s attention: fused score op dn_additive_score (no (B, T, S, A) tensor)%s", hp.attention,
+                    "; attention_chunk_units unused" if hp.attention_chunk_units else "")
+    else:
+        logger.info("GNMT %s attention: pure-MXNet score, (B, T, S, A) temporaries (attention_chunk_units=%d)",
+                    hp.attention, hp.attention_chunk_units)
+
+
 class GNMTEncoder(HybridBlock):
     """Embedding -> bidirectional layers (H/2 per direction) -> unidirectional layers, with residuals."""
 
@@ -192,12 +206,14 @@ class GNMTEncoder(HybridBlock):
 class GNMTDecoder(HybridBlock):
     """Teacher-forced decoder: every layer is one fused LSTM over all T steps (attention from layer 1)."""
 
-    def __init__(self, hp: GNMTHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None):
+    def __init__(self, hp: GNMTHParams, embed: nn.Embedding, proj: nn.Dense, prefix: str | None = None,
+                 fused: bool = False):
         super().__init__(prefix=prefix)
         self.hp = hp
         with self.name_scope():
             self.embed, self.proj = embed, proj
-            self.attention = gnmt_attention(hp.attention, hp.hidden_size, hp.attention_chunk_units, prefix="att_")
+            self.attention = gnmt_attention(hp.attention, hp.hidden_size, hp.attention_chunk_units, prefix="att_",
+                                            fused=fused)
             self.layers = nn.HybridSequential(prefix="")
             for i in range(hp.num_dec_layers):
                 input_size = hp.embed_size if i == 0 else 2 * hp.hidden_size
@@ -265,10 +281,12 @@ class GNMTDecoderStep(HybridBlock):
 class GNMTModel(HybridBlock):
     """The dist_nmt model contract (see `dist_nmt.models`): forward, encode, init_decode_states, decode_step."""
 
-    def __init__(self, hparams: GNMTHParams, vocab_size: int, prefix: str = "gnmt_"):
+    def __init__(self, hparams: GNMTHParams, vocab_size: int, prefix: str = "gnmt_", fused_ops: bool = False):
+        """`fused_ops`: additive attention scores through the fused CPU op (needs `dist_nmt.ops.load()` first)."""
         super().__init__(prefix=prefix)
         _check(hparams)
         hp = self.hp = hparams
+        _log_attention_path(hp, fused_ops)
         with self.name_scope():
             self.embed = nn.Embedding(vocab_size, hp.embed_size, prefix="embed_", weight_initializer=init.Uniform(0.1))
             if hp.tie_embeddings and hp.embed_size == hp.hidden_size:  # same Parameter: one name, one gradient
@@ -283,7 +301,7 @@ class GNMTModel(HybridBlock):
             # Additive attention projects the memory once per source; scaled_luong uses it as it is.
             self.key_proj = nn.Dense(hp.hidden_size, flatten=False, use_bias=False, in_units=hp.hidden_size,
                                      prefix="dec_att_key_") if hp.attention in ADDITIVE_ATTENTION else None
-            self.decoder = GNMTDecoder(hp, self.embed, self.proj, prefix="dec_")
+            self.decoder = GNMTDecoder(hp, self.embed, self.proj, prefix="dec_", fused=fused_ops)
             self.step_block = GNMTDecoderStep(self.decoder, prefix="step_")
 
     def hybrid_forward(self, F, src, src_valid_len, tgt_in, tgt_valid_len):

@@ -8,10 +8,10 @@
     impl = ops.resolve_attention("auto", fused)  # model.attention_impl -> batch_dot | fused | interleaved
     model = build_model("transformer", hparams, vocab_size, fused_ops=fused, attention_impl=impl)
 
-The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout`, `dn_attention` and `dn_smoothed_nll`
-(fused_ops.cc states their contracts); `dist_nmt.models.fused` calls the first four as `F.dn_*`, the training and
-dev loss (`dist_nmt.loss.fused_label_smoothed_nll`) the last. Every rank must call `resolve` (or `load`)
-before its model is built, so that all ranks run the same graph, and before `dist_nmt.precision.init_amp`.
+The library registers `dn_add_dropout_norm`, `dn_norm`, `dn_add_dropout`, `dn_attention`, `dn_additive_score` and
+`dn_smoothed_nll` (fused_ops.cc states their contracts); `dist_nmt.models.fused` calls the first five as `F.dn_*`,
+the training and dev loss (`dist_nmt.loss.fused_label_smoothed_nll`) the last. Every rank must call `resolve` (or
+`load`) before its model is built, so that all ranks run the same graph, and before `dist_nmt.precision.init_amp`.
 """
 from __future__ import annotations
 
@@ -54,7 +54,10 @@ def compile_flags() -> list[str]:
     # -fopenmp links the system libgomp.so.1, the same OpenMP runtime libmxnet.so already loaded.
     # -Bsymbolic: Horovod's MXNet extension exports its own copy of lib_api's mxnet::ext symbols; without it this
     # library's op registry binds to Horovod's and dlopen dies with SIGFPE when Horovod was imported first.
-    return ["-O3", *arch.split(), "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-Wl,-Bsymbolic"]
+    # -fno-trapping-math: lets GCC turn float compares into selects (the tanh clamp of dn_additive_score), without
+    # which those loops stay scalar; results are unchanged, only FP exception flags may differ.
+    return ["-O3", *arch.split(), "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+            "-Wl,-Bsymbolic"]
 
 
 def source_hash() -> str:

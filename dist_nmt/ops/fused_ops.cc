@@ -12,7 +12,7 @@
 // take no parameters (LayerNorm's gamma/beta are applied by built-in ops in Python) and write every input's
 // gradient (zeros for ctrl and lengths).
 //
-// Shapes: N rows, D features; BH = batch*heads, T queries, S keys, dk/dv head dims.
+// Shapes: N rows, D features; BH = batch*heads, B batch, T queries, S keys, dk/dv head dims, A attention units.
 #include <omp.h>
 
 #include <algorithm>
@@ -289,6 +289,112 @@ MXReturnValue attention_backward(const Attrs& attrs, std::vector<MXTensor>* in, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// dn_additive_score(q, k, v) -> scores: scores[b, t, s] = sum_a v[a] tanh(q[b, t, a] + k[b, s, a]), the additive
+// (Bahdanau) attention score of the GNMT decoder without its (B, T, S, A) hidden tensor. q (B, T, A) (query
+// projection, bias included), k (B, S, A), v (A,) -> scores (B, T, S). v must be an intermediate of the graph (a
+// reshape or the weight-normalised vector), never the Parameter itself: dv is written, not added. Backward
+// recomputes tanh. Masking is left to the softmax that follows; backward skips (t, s) pairs whose incoming gradient
+// is exactly 0 (masked keys under a length softmax).
+
+// tanh as Eigen's odd rational 13/6 minimax approximation (also XLA's and MLAS's): vectorises under omp simd where
+// std::tanh does not; within a few float ulps of tanh, and exactly +-1 past the clamp where float tanh rounds to 1.
+inline float fast_tanh(float x) {
+  constexpr float clamp = 7.90531110763549805f;
+  x = std::min(std::max(x, -clamp), clamp);
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 - 8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+
+struct ScoreDims {
+  int64_t b, t, s, a;
+  explicit ScoreDims(std::vector<MXTensor>* in, size_t first = 0)
+      : b(in->at(first).shape[0]), t(in->at(first).shape[1]), s(in->at(first + 1).shape[1]),
+        a(in->at(first).shape[2]) {}
+};
+
+// One OpenMP iteration per (b, t) query row.
+MXReturnValue additive_score_forward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                                     const OpResource&) {
+  const ScoreDims dim(in);
+  const float *q = in->at(0).data<float>(), *k = in->at(1).data<float>(), *v = in->at(2).data<float>();
+  float* scores = out->at(0).data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < dim.b * dim.t; ++row) {
+    const float *qr = q + row * dim.a, *kb = k + (row / dim.t) * dim.s * dim.a;
+    for (int64_t s = 0; s < dim.s; ++s) {
+      const float* ks = kb + s * dim.a;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t a = 0; a < dim.a; ++a) acc += v[a] * fast_tanh(qr[a] + ks[a]);
+      scores[row * dim.s + s] = acc;
+    }
+  }
+  return MX_SUCCESS;
+}
+
+// in: d_scores, q, k, v, scores. out: dq, dk, dv. With h = tanh(q_t + k_s) and g = d_scores[b, t, s]:
+// dq[b, t] = v * sum_s g (1 - h^2), dk[b, s] = v * sum_t g (1 - h^2), dv = sum_{b,t,s} g h.
+// One OpenMP iteration per batch row b, so each thread owns dq and dk of its rows (tanh is computed once, no atomics);
+// dv is summed per thread, then over threads.
+MXReturnValue additive_score_backward(const Attrs&, std::vector<MXTensor>* in, std::vector<MXTensor>* out,
+                                      const OpResource&) {
+  const ScoreDims dim(in, 1);
+  const float* g = in->at(0).data<float>();
+  const float *q = in->at(1).data<float>(), *k = in->at(2).data<float>(), *v = in->at(3).data<float>();
+  float *dq = out->at(0).data<float>(), *dk = out->at(1).data<float>(), *dv = out->at(2).data<float>();
+  const int num_threads = omp_get_max_threads();
+  std::vector<float> dv_parts(static_cast<size_t>(num_threads) * dim.a, 0.0f);
+#pragma omp parallel
+  {
+    float* dv_part = dv_parts.data() + static_cast<size_t>(omp_get_thread_num()) * dim.a;
+    std::vector<float> dpre_sum(dim.a);  // sum_s g (1 - h^2) of one query row
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < dim.b; ++b) {
+      const float* kb = k + b * dim.s * dim.a;
+      float* dkb = dk + b * dim.s * dim.a;
+      std::memset(dkb, 0, dim.s * dim.a * sizeof(float));
+      for (int64_t t = 0; t < dim.t; ++t) {
+        const int64_t row = b * dim.t + t;
+        const float *qr = q + row * dim.a, *gr = g + row * dim.s;
+        float* acc = dpre_sum.data();
+        std::fill(acc, acc + dim.a, 0.0f);
+        for (int64_t s = 0; s < dim.s; ++s) {
+          const float gs = gr[s];
+          if (gs == 0.0f) continue;  // masked key: contributes nothing
+          const float* ks = kb + s * dim.a;
+          float* dks = dkb + s * dim.a;
+#pragma omp simd
+          for (int64_t a = 0; a < dim.a; ++a) {
+            const float h = fast_tanh(qr[a] + ks[a]);
+            const float dpre = gs * (1.0f - h * h);
+            dv_part[a] += gs * h;
+            acc[a] += dpre;
+            dks[a] += dpre * v[a];
+          }
+        }
+        float* dqr = dq + row * dim.a;
+#pragma omp simd
+        for (int64_t a = 0; a < dim.a; ++a) dqr[a] = acc[a] * v[a];
+      }
+    }
+  }
+  std::memset(dv, 0, dim.a * sizeof(float));
+  for (int i = 0; i < num_threads; ++i) axpy(1.0f, dv_parts.data() + static_cast<size_t>(i) * dim.a, dv, dim.a);
+  return MX_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // dn_smoothed_nll(logits, labels; eps) -> (loss, nll, lse), one row at a time so nothing (N, V) is stored besides
 // the logits: logits (N, V), labels (N,) float ids. nll = lse - x[label]; loss = (1-eps) nll + eps (lse - mean x)
 // (the uniform-smoothed cross-entropy of dist_nmt/loss.py). Backward recomputes softmax from logits and lse; the
@@ -389,6 +495,12 @@ MXReturnValue parse_attention(const Attrs&, int* num_in, int* num_out) {
   return MX_SUCCESS;
 }
 
+MXReturnValue parse_additive_score(const Attrs&, int* num_in, int* num_out) {
+  *num_in = 3;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
 MXReturnValue parse_smoothed_nll(const Attrs&, int* num_in, int* num_out) {
   *num_in = 2;
   *num_out = 3;
@@ -442,6 +554,17 @@ MXReturnValue shape_attention(const Attrs&, std::vector<std::vector<unsigned int
   return MX_SUCCESS;
 }
 
+MXReturnValue shape_additive_score(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                                   std::vector<std::vector<unsigned int>>* out) {
+  const auto &q = in->at(0), &k = in->at(1), &v = in->at(2);
+  if (q.size() != 3 || k.size() != 3 || k[0] != q[0] || k[2] != q[2] || v != std::vector<unsigned int>{q[2]}) {
+    MX_ERROR_MSG << "dn_additive_score: expected q (B,T,A), k (B,S,A), v (A,)";
+    return MX_FAIL;
+  }
+  out->at(0) = {q[0], q[1], k[1]};
+  return MX_SUCCESS;
+}
+
 }  // namespace
 
 REGISTER_OP(dn_add_dropout_norm)
@@ -471,6 +594,13 @@ REGISTER_OP(dn_attention)
     .setParseAttrs(parse_attention)
     .setInferType(all_float32)
     .setInferShape(shape_attention);
+
+REGISTER_OP(dn_additive_score)
+    .setForward(additive_score_forward, "cpu")
+    .setBackward(additive_score_backward, "cpu")
+    .setParseAttrs(parse_additive_score)
+    .setInferType(all_float32)
+    .setInferShape(shape_additive_score);
 
 REGISTER_OP(dn_smoothed_nll)
     .setForward(smoothed_nll_forward, "cpu")

@@ -1,5 +1,5 @@
 """Fused CPU ops (dist_nmt/ops): values and gradients equal the pure-MXNet path, masks are a pure function of the
-seed, and a Transformer trains and decodes the same with model.fused_ops on and off."""
+seed, and a Transformer and a GNMT (additive attention) train and decode the same with model.fused_ops on and off."""
 from __future__ import annotations
 
 import os
@@ -20,9 +20,9 @@ from dist_nmt.data.batch import BatchPlan, collate
 from dist_nmt.data.dataset import EncodedSplit
 from dist_nmt.errors import ConfigError
 from dist_nmt.loss import label_smoothed_nll
-from dist_nmt.models import TransformerHParams, build_model
+from dist_nmt.models import GNMTHParams, TransformerHParams, build_model
 from dist_nmt.models import fused as fused_ops
-from dist_nmt.models.attention import attend
+from dist_nmt.models.attention import MLPAttention, attend
 from dist_nmt.step import train_step
 from dist_nmt.train import build_model_for, make_optimizer
 from dist_nmt.validate import dev_loss
@@ -376,3 +376,158 @@ def test_library_loads_after_horovod_was_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# Additive (GNMT) attention: dn_additive_score against the (B, T, S, A) built-in reference.
+
+def additive_reference(F, q, k, v):
+    """vᵀ tanh(q_t + k_s) through the pure-MXNet path of MLPAttention: q (B, T, A), k (B, S, A), v (A,)."""
+    return F.reshape(MLPAttention._score(F, q, k, F.reshape(v, shape=(1, -1))), shape=(0, 0, -1))  # (B, T, S)
+
+
+@pytest.mark.parametrize("dims,scale", [((3, 4, 5, 16), 1.0), ((2, 1, 7, 13), 1.0), ((5, 6, 3, 40), 6.0),
+                                        ((1, 9, 9, 8), 0.01)])
+def test_additive_score_values_and_gradients_equal_the_4d_reference(dims, scale):
+    b, t, s, a = dims
+    rng = np.random.RandomState(b * 100 + a)
+    q, k = mx.nd.array(rng.randn(b, t, a) * scale), mx.nd.array(rng.randn(b, s, a) * scale)  # scale 6: saturated
+    v, g = mx.nd.array(rng.randn(a)), rng.randn(b, t, s)
+    g[0, :, s // 2 + 1:] = 0.0  # a length-masked row: the softmax sends exactly 0 to padded keys
+    g = mx.nd.array(g)
+    expected = run(additive_reference, [q, k, v], g, hybridize=False)
+    assert_same(run(fused_ops.additive_score, [q, k, v], g), expected, atol=1e-5 * max(1.0, scale * a ** 0.5))
+
+
+def test_additive_score_gradients_with_two_openmp_threads():
+    """The per-thread dv sums and per-row dk ownership, with an odd batch split over two threads."""
+    code = """
+import mxnet as mx, numpy as np
+from mxnet import autograd
+from dist_nmt import ops
+from dist_nmt.models import fused
+assert ops.load(), ops.unavailable_reason()
+rng = np.random.RandomState(0)
+q, k, v = (mx.nd.array(rng.randn(*shape)) for shape in ((7, 5, 24), (7, 6, 24), (24,)))
+g = mx.nd.array(rng.randn(7, 5, 6))
+grads = []
+for fn in (fused.additive_score, lambda F, q, k, v: F.sum(F.broadcast_mul(F.tanh(
+        F.expand_dims(q, 2) + F.expand_dims(k, 1)), F.reshape(v, shape=(1, 1, 1, -1))), axis=-1)):
+    xs = [x.copy() for x in (q, k, v)]
+    for x in xs:
+        x.attach_grad()
+    with autograd.record():
+        out = fn(mx.nd, *xs)
+    out.backward(g)
+    grads.append([out.asnumpy()] + [x.grad.asnumpy() for x in xs])
+for got, expected in zip(*grads):
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def attention_block(normalized: bool, fused: bool, units: int) -> MLPAttention:
+    mx.random.seed(3)
+    block = MLPAttention(units, normalized, prefix="att_", fused=fused)
+    block.initialize(mx.init.Xavier(magnitude=3))
+    if normalized:
+        block.g.set_data(mx.nd.array([0.7]))  # away from its 1/√A init, so that g's own gradient matters
+    block.query_proj.bias.set_data(mx.nd.random.normal(shape=(units,)))
+    block.collect_params().setattr("grad_req", "add")  # as in training: a custom op must not write these
+    block.hybridize(static_alloc=True)
+    return block
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("dims", [(4, 5, 6, 12), (3, 1, 8, 16), (2, 7, 3, 9)])
+def test_mlp_attention_block_fused_equals_unfused_with_parameter_gradients(dims, normalized):
+    b, t, s, a = dims
+    rng = np.random.RandomState(sum(dims))
+    query, keys, values = (mx.nd.array(rng.randn(*shape)) for shape in ((b, t, a), (b, s, a), (b, s, a)))
+    src_len = rng.randint(1, s + 1, size=b)
+    src_len[0], src_len[-1] = s, 0  # a full row and a dummy row (length 0, clipped to 1)
+    lengths = mx.nd.array(np.repeat(src_len[:, None], t, axis=1))  # (B, T)
+    head_ctx, head_probs = mx.nd.array(rng.randn(b, t, a)), mx.nd.array(rng.randn(b, t, s))
+    results = []
+    for fused in (False, True):
+        block = attention_block(normalized, fused, a)
+        inputs = [x.copy() for x in (query, keys, values)]
+        for x in inputs:  # 'write': in the model these are outputs of other ops, not leaves
+            x.attach_grad()
+        for _ in range(2):  # parameters accumulate two passes: an overwrite instead of an add shows as 1x vs 2x
+            with autograd.record():
+                ctx, probs = block(*inputs, lengths)
+                total = (ctx * head_ctx).sum() + (probs * head_probs).sum()
+            total.backward()
+        params = sorted(block.collect_params().items())
+        results.append([ctx.asnumpy(), probs.asnumpy()] + [x.grad.asnumpy() for x in inputs]
+                       + [p.grad().asnumpy() for _, p in params])
+    names = ["ctx", "probs", "d_query", "d_keys", "d_values"] + [name for name, _ in params]
+    assert ("att_g" in names) == normalized
+    for name, got, expected in zip(names, results[1], results[0], strict=True):
+        np.testing.assert_allclose(got, expected, atol=2e-5, rtol=1e-4, err_msg=name)
+    assert np.all(results[1][1][b - 1, :, 1:] == 0)  # the dummy row attends to its one clipped key only
+
+
+GNMT_TINY = GNMTHParams(num_enc_layers=2, num_dec_layers=2, hidden_size=16, embed_size=16, num_bi_layers=1,
+                        residual_from_layer=2, dropout=0.0, tie_embeddings=True)
+
+
+def make_gnmt(attention: str, fused: bool, hybridize: bool = True, seed: int = 0, **overrides):
+    mx.random.seed(seed)
+    model = build_model("gnmt", replace(GNMT_TINY, attention=attention, **overrides), VOCAB, fused_ops=fused)
+    model.initialize(mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3.0))
+    model.collect_params().setattr("grad_req", "add")
+    if hybridize:
+        model.hybridize(static_alloc=True)
+    return model
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+@pytest.mark.parametrize("attention", ["mlp", "normed_mlp"])
+def test_fused_gnmt_decodes_like_it_trains_and_like_the_unfused_model(attention, hybridize, caplog):
+    caplog.set_level("INFO", logger="dist_nmt.models.gnmt")
+    fused = make_gnmt(attention, True, hybridize, decoder_init="encoder")
+    assert "fused score op dn_additive_score" in caplog.text
+    plain = make_gnmt(attention, False, hybridize, decoder_init="encoder")
+    assert "pure-MXNet score" in caplog.text
+    assert list(fused.collect_params().keys()) == list(plain.collect_params().keys())  # same checkpoints
+    src, src_len, tgt_in, _, tgt_len = tiny_batch()
+    logits = fused(src, src_len, tgt_in, tgt_len)
+    np.testing.assert_allclose(logits.asnumpy(), plain(src, src_len, tgt_in, tgt_len).asnumpy(), atol=2e-5)
+    states = fused.init_decode_states(fused.encode(src, src_len))
+    steps = []
+    for t in range(tgt_in.shape[1]):
+        log_probs, states, _ = fused.decode_step(tgt_in[:, t], states)
+        steps.append(log_probs)
+    inc, ref = mx.nd.stack(*steps, axis=1).asnumpy(), mx.nd.log_softmax(logits, axis=-1).asnumpy()
+    for row, length in enumerate(tgt_len.asnumpy().astype(int)):
+        np.testing.assert_allclose(inc[row, :length], ref[row, :length], atol=1e-5)
+
+
+def gnmt_loss_curve(attention: str, fused: bool, num_updates: int = 12) -> tuple[list[float], dict]:
+    """Losses of `num_updates` Adam steps on one batch, and the attention parameters after them."""
+    model = make_gnmt(attention, fused, dropout=0.0)
+    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": 1e-2})
+    src, src_len, tgt_in, tgt_out, tgt_len = tiny_batch()
+    losses = []
+    for _ in range(num_updates):
+        with autograd.record():
+            loss, _ = label_smoothed_nll(model(src, src_len, tgt_in, tgt_len), tgt_out, tgt_len, 0.1)
+        loss.backward()
+        trainer.step(float(tgt_len.sum().asscalar()))
+        model.collect_params().zero_grad()
+        losses.append(float(loss.asscalar()))
+    return losses, {name: p.data().asnumpy() for name, p in model.collect_params(".*att.*").items()}
+
+
+@pytest.mark.parametrize("attention", ["mlp", "normed_mlp"])
+def test_fused_and_unfused_gnmt_train_the_same_loss_curve(attention):
+    (off, off_params), (on, on_params) = gnmt_loss_curve(attention, fused=False), gnmt_loss_curve(attention, True)
+    assert on[-1] < 0.8 * on[0]  # it learns the batch
+    np.testing.assert_allclose(on, off, rtol=2e-4)
+    initial = make_gnmt(attention, fused=True).collect_params()
+    for name, value in off_params.items():  # Adam moves even small attention gradients by ~lr per step
+        assert np.abs(value - initial[name].data().asnumpy()).max() > 1e-3, name
+        np.testing.assert_allclose(on_params[name], value, atol=1e-4, err_msg=name)
