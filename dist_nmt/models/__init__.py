@@ -41,23 +41,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Models that can run on the fused CPU ops of dist_nmt.ops (constructor argument `fused_ops`).
-FUSED_OPS_MODELS = ("gnmt", "transformer")
-
-
 def build_model(arch: str, hparams: Any, vocab_size: int, fused_ops: bool = False,
                 attention_impl: str | None = None) -> Any:
     """Construct model `arch` (a HybridBlock) with its hyper-parameters (TransformerHParams, GNMTHParams, ...).
 
     `fused_ops=True` (only after `dist_nmt.ops.load()` succeeded) selects the fused CPU ops where the model has
-    them; other models ignore it. `attention_impl` (one of ATTENTION_IMPLS, `fused` only with `fused_ops`) picks
+    them. `attention_impl` (one of ATTENTION_IMPLS, `fused` only with `fused_ops`) picks
     the Transformer's attention; None means `fused` with `fused_ops`, else `batch_dot`.
     """
     if arch not in MODEL_NAMES:
         raise ValueError(f"unknown model '{arch}'; choose one of: {', '.join(MODEL_NAMES)}")
-    if arch in FUSED_OPS_MODELS:
+    if arch == "transformer":
         return _models()[arch](hparams, vocab_size, fused_ops=fused_ops, attention_impl=attention_impl)
-    return _models()[arch](hparams, vocab_size)
+    return _models()[arch](hparams, vocab_size, fused_ops=fused_ops)
 
 
 __all__ = ["ATTENTION_IMPLS", "MODELS", "MODEL_NAMES", "GNMTHParams", "TransformerHParams", "build_model"]
