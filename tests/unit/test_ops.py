@@ -192,8 +192,13 @@ def make_model(hp, fused: bool, seed: int = 0):
 
 def loss_curve(hp, fused: bool, num_updates: int = 20, seed: int = 0) -> list[float]:
     model = make_model(hp, fused, seed)
-    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": 3e-3})
-    src, src_len, tgt_in, tgt_out, tgt_len = tiny_batch()
+    return adam_losses(model, tiny_batch(), 3e-3, num_updates)
+
+
+def adam_losses(model, batch, lr: float, num_updates: int) -> list[float]:
+    """Label-smoothed loss of each of `num_updates` Adam steps on one batch (src, src_len, tgt_in, tgt_out, tgt_len)."""
+    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": lr})
+    src, src_len, tgt_in, tgt_out, tgt_len = batch
     losses = []
     for _ in range(num_updates):
         with autograd.record():
@@ -509,16 +514,7 @@ def test_fused_gnmt_decodes_like_it_trains_and_like_the_unfused_model(attention,
 def gnmt_loss_curve(attention: str, fused: bool, num_updates: int = 12) -> tuple[list[float], dict]:
     """Losses of `num_updates` Adam steps on one batch, and the attention parameters after them."""
     model = make_gnmt(attention, fused, dropout=0.0)
-    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": 1e-2})
-    src, src_len, tgt_in, tgt_out, tgt_len = tiny_batch()
-    losses = []
-    for _ in range(num_updates):
-        with autograd.record():
-            loss, _ = label_smoothed_nll(model(src, src_len, tgt_in, tgt_len), tgt_out, tgt_len, 0.1)
-        loss.backward()
-        trainer.step(float(tgt_len.sum().asscalar()))
-        model.collect_params().zero_grad()
-        losses.append(float(loss.asscalar()))
+    losses = adam_losses(model, tiny_batch(), 1e-2, num_updates)
     return losses, {name: p.data().asnumpy() for name, p in model.collect_params(".*att.*").items()}
 
 

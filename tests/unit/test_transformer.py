@@ -8,11 +8,11 @@ from pathlib import Path
 import mxnet as mx
 import numpy as np
 import pytest
-from mxnet import autograd, gluon
+from mxnet import autograd
 from mxnet.gluon import nn
+from unit.test_ops import adam_losses
 
 from dist_nmt.config import load_config
-from dist_nmt.loss import label_smoothed_nll
 from dist_nmt.models import MODELS, TransformerHParams, build_model
 from dist_nmt.models.transformer import LayerNorm
 
@@ -189,19 +189,10 @@ def loss_curve(impl: str, num_updates: int = 20) -> list[float]:
     hp = replace(TINY, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     model = make_model(hp, impl=impl)
     model.collect_params().setattr("grad_req", "add")
-    trainer = gluon.Trainer(model.collect_params(), "adam", {"learning_rate": 3e-3})
     src, src_len, tgt, tgt_len = batch()
     tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
-    tgt_len = mx.nd.minimum(tgt_len, tgt_in.shape[1])
-    losses = []
-    for _ in range(num_updates):
-        with autograd.record():
-            loss, _ = label_smoothed_nll(model(src, src_len, tgt_in, tgt_len), tgt_out, tgt_len, 0.1)
-        loss.backward()
-        trainer.step(float(tgt_len.sum().asscalar()))
-        model.collect_params().zero_grad()
-        losses.append(float(loss.asscalar()))
-    return losses
+    return adam_losses(model, (src, src_len, tgt_in, tgt_out, mx.nd.minimum(tgt_len, tgt_in.shape[1])), 3e-3,
+                       num_updates)
 
 
 def test_interleaved_and_batch_dot_train_the_same_loss_curve():
