@@ -177,7 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.gnmt.attention": ("mlp", "normed_mlp", "scaled_luong"),
     "model.gnmt.decoder_init": ("encoder", "encoder_h", "zeros"),
     "optim.schedule": ("constant", "inverse_sqrt", "step_decay"),
-    "precision.dtype": ("bf16", "fp16", "fp32"),
+    "precision.dtype": ("auto", "bf16", "fp16", "fp32"),
     "precision.loss_scaling": ("dynamic", "none"),
 }
 POSITIVE = {

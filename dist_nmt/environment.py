@@ -11,7 +11,9 @@ from __future__ import annotations
 import signal
 from collections.abc import Sequence
 
-from dist_nmt import allocator, distributed
+from dist_nmt import allocator, distributed, precision
+
+AMX_STATUS = "off: environment.init has not run"  # what `precision.enable_amx` did in this process, for the log
 
 
 class StopSignal:
@@ -40,4 +42,6 @@ def init(reexec_argv: Sequence[str] | None) -> StopSignal:
     if reexec_argv is not None:
         allocator.preload_tcmalloc(list(reexec_argv))
     distributed.configure_threads()
+    global AMX_STATUS
+    AMX_STATUS = precision.enable_amx()
     return StopSignal()

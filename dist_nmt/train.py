@@ -19,6 +19,7 @@ if __name__ == "__main__":  # the CLI sets up the process (allocator, threads, s
     sys.exit(main(["train", *sys.argv[1:]], reexec_argv=["-m", "dist_nmt.train", *sys.argv[1:]]))
 
 # Below this line MXNet is imported: dist_nmt.environment.init() must have run (the CLI does it first).
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import mxnet as mx
 from tqdm import tqdm
 
-from dist_nmt import allocator, distributed, ops
+from dist_nmt import allocator, distributed, environment, ops
 from dist_nmt.checkpoint import Checkpointer, Progress, TrainState
 from dist_nmt.config import Config, save_config
 from dist_nmt.data import RunData, next_position
@@ -41,7 +42,7 @@ from dist_nmt.final_model import choose_final_model
 from dist_nmt.hooks import FaultHooks, test_device
 from dist_nmt.metrics import MetricsWriter, TrainWindow, setup_logging
 from dist_nmt.models import build_model
-from dist_nmt.precision import LossScaler, check_precision, init_amp
+from dist_nmt.precision import LossScaler, check_precision, init_amp, resolve_dtype
 from dist_nmt.preflight import check_run_dir, check_test_references
 from dist_nmt.runlock import RunLock
 from dist_nmt.schedule import lr_at
@@ -57,11 +58,20 @@ def uses_fused_ops(cfg: Config, ctx: mx.Context) -> bool:
     return ops.resolve(cfg.model.fused_ops, on_gpu=ctx.device_type == "gpu")
 
 
+def resolve_precision(cfg: Config, ctx: mx.Context) -> Config:
+    """`cfg` with `precision.dtype: auto` replaced by what runs on `ctx` (`dist_nmt.precision.resolve_dtype`)."""
+    dtype = resolve_dtype(cfg.precision.dtype, ctx.device_type == "gpu", environment.AMX_STATUS)
+    if dtype == cfg.precision.dtype:
+        return cfg
+    log.info("precision.dtype=auto: training in %s (oneDNN AMX: %s)", dtype, environment.AMX_STATUS)
+    return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=dtype))
+
+
 def build_model_for(cfg: Config, vocab_size: int, ctx: mx.Context) -> mx.gluon.HybridBlock:
     """The configured model, initialised on `ctx` (same seed on every rank), accumulating gradients."""
     # Loss scaling stays with our LossScaler (one state machine over reduced gradients), so amp.init_trainer is
     # deliberately not called: it would install a second scaler.
-    on_gpu = ctx.device_type == "gpu"
+    cfg, on_gpu = resolve_precision(cfg, ctx), ctx.device_type == "gpu"
     fused = uses_fused_ops(cfg, ctx)  # every rank, before building
     attention = ops.resolve_attention(cfg.model.attention_impl, fused, on_gpu, cfg.precision.dtype) \
         if cfg.model.arch == "transformer" else None
@@ -113,6 +123,7 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
     t = cfg.train
     setup_logging(world.rank, world.size, t.run_dir)
     ctx = test_device(world.rank) or distributed.device(world)
+    cfg = resolve_precision(cfg, ctx)
     check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
     identity = _check_inputs(cfg)
     tests = resolve_test_sets(cfg.data)  # fail fast on a missing or misaligned test file, not after training
@@ -138,7 +149,8 @@ def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> di
     log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
              cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
              progress.batch_index)
-    log.info("threads: OMP_NUM_THREADS=%s; allocator: %s", os.environ.get("OMP_NUM_THREADS"), allocator.status())
+    log.info("threads: OMP_NUM_THREADS=%s; allocator: %s; precision %s; oneDNN AMX: %s",
+             os.environ.get("OMP_NUM_THREADS"), allocator.status(), cfg.precision.dtype, environment.AMX_STATUS)
     bar = tqdm(total=t.max_updates or None, initial=progress.update, unit="upd", dynamic_ncols=True,
                disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
     window = TrainWindow()

@@ -41,12 +41,12 @@ if __name__ == "__main__":  # the trainer's process set-up (tcmalloc, threads) b
 import mxnet as mx
 from mxnet import autograd, gluon
 
-from dist_nmt import allocator, distributed, ops
+from dist_nmt import allocator, distributed, environment, ops
 from dist_nmt.config import Config, load_config
 from dist_nmt.data import Batch, random_batch
 from dist_nmt.precision import check_precision
 from dist_nmt.step import train_step
-from dist_nmt.train import build_model_for, make_optimizer, uses_fused_ops
+from dist_nmt.train import build_model_for, make_optimizer, resolve_precision, uses_fused_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,25 +201,29 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     distributed.init_world()
-    cfg = preset_config(args.preset, tuple(args.overrides))
+    cfg = resolve_precision(preset_config(args.preset, tuple(args.overrides)), mx.cpu())
     check_precision(cfg.precision.dtype, False, cfg.precision.loss_scaling)  # as train() does, before any step
     model_cfg = cfg.model
     hp = getattr(model_cfg, model_cfg.arch)
     batch = random_batch(args.batch_sentences, args.seq_len, args.seq_len, args.vocab)
     num_tokens = 2 * args.batch_sentences * args.seq_len
     peak = fc_peak_gflops()
+    with_reference = model_cfg.arch == "transformer" and not args.no_reference
+    if with_reference:  # GluonNLP's own step is traced (its graph fixed) in fp32, before our model's AMP
+        ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
+        reference_step = gluonnlp_step(ref_forward, ref_model.collect_params(), batch, args.vocab)
+        reference_step()
     model = build_model_for(cfg, args.vocab, mx.cpu())
     steps = {"ours": trainer_step(cfg, model, batch)}
-    with_reference = model_cfg.arch == "transformer" and not args.no_reference
     if with_reference:
-        ref_model, ref_forward = gluonnlp_reference(hp, args.vocab)
-        steps["reference"] = gluonnlp_step(ref_forward, ref_model.collect_params(), batch, args.vocab)
+        steps["reference"] = reference_step
         ref_model2, ref_forward2 = gluonnlp_reference(hp, args.vocab, prefix="ref2_")
         steps["reference_model"] = trainer_step(cfg, _Forward(ref_model2, ref_forward2), batch)
     times, cpu_times = time_alternating(steps, args.steps, args.warmup)
     sec, sec_median = min(times["ours"]), statistics.median(times["ours"])
     result = {"preset": args.preset, "arch": model_cfg.arch, "overrides": args.overrides,
-              "fused_ops": ops.resolve(cfg.model.fused_ops),
+              "fused_ops": ops.resolve(cfg.model.fused_ops), "precision": cfg.precision.dtype,
+              "onednn_amx": environment.AMX_STATUS,
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "allocator": allocator.status(),
               "batch_sentences": args.batch_sentences, "seq_len": args.seq_len, "vocab": args.vocab,
               "tokens_per_step": num_tokens, "fc_peak_gflops": round(peak, 1), "timed_steps": args.steps,
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
                   fraction_of_peak=round(gflop / sec / peak, 3))
     if with_reference:
         ref_sec, ref_median = min(times["reference"]), statistics.median(times["reference"])
-        result.update(reference="gluonnlp-0.10 NMTModel transformer", ref_sec_per_step_best=round(ref_sec, 4),
+        result.update(reference="gluonnlp-0.10 NMTModel transformer (fp32, its only CPU precision)",
+                      ref_sec_per_step_best=round(ref_sec, 4),
                       ref_sec_per_step_median=round(ref_median, 4), ref_tokens_per_sec=round(num_tokens / ref_sec, 1),
                       ref_fraction_of_peak=round(result["gflop_per_step"] / ref_sec / peak, 3),
                       speedup_vs_reference=round(ref_sec / sec, 3),
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
                       ref_cpu_sec_per_step_best=round(min(cpu_times["reference"]), 4),
                       speedup_vs_reference_cpu=round(min(cpu_times["reference"]) / min(cpu_times["ours"]), 3))
         model_sec = min(times["reference_model"])
-        result.update(reference_model="the same GluonNLP model under our step (dist_nmt.step.train_step)",
+        result.update(reference_model="the same GluonNLP model under our step (dist_nmt.step.train_step, "
+                                      f"precision {cfg.precision.dtype})",
                       ref_model_sec_per_step_best=round(model_sec, 4),
                       ref_model_tokens_per_sec=round(num_tokens / model_sec, 1),
                       speedup_vs_reference_model=round(model_sec / sec, 3),
