@@ -56,10 +56,8 @@ def enable_amx(flags: Collection[str] | None = None, environ: dict[str, str] | N
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
         return f"off: the kernel refused AMX permission ({os.strerror(ctypes.get_errno())})"
-    if "DNNL_MAX_CPU_ISA" in environ:
-        return f"user: DNNL_MAX_CPU_ISA={environ['DNNL_MAX_CPU_ISA']}"
-    environ["DNNL_MAX_CPU_ISA"] = "AVX512_CORE_AMX"
-    return "on"
+    isa = environ.setdefault("DNNL_MAX_CPU_ISA", "AVX512_CORE_AMX")  # inherited from a parent that ran this: "on"
+    return "on" if isa.upper() == "AVX512_CORE_AMX" else f"user: DNNL_MAX_CPU_ISA={isa}"
 
 
 def resolve_dtype(dtype: str, on_gpu: bool, amx_status: str) -> str:

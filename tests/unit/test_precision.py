@@ -1,11 +1,12 @@
 """Loss-scaler state machine and precision checks."""
+import os
 import subprocess
 import sys
 
 import pytest
 
 from dist_nmt import ops
-from dist_nmt.precision import LossScaler, PrecisionError, check_precision, cpu_flags
+from dist_nmt.precision import LossScaler, PrecisionError, check_precision, cpu_flags, enable_amx, resolve_dtype
 
 ZEN4 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}
 
@@ -138,3 +139,42 @@ def test_bf16_with_fused_ops_casts_every_fully_connected_to_bf16():
     assert all("bfloat16" not in line for line in lines if line.startswith("norm")), lines  # statistics stay fp32
     refused = subprocess.run([*run, "amp_first"], capture_output=True, text=True, check=True).stdout
     assert "refused:" in refused and "before dist_nmt.precision.init_amp" in refused
+
+
+def test_auto_precision_is_bf16_only_where_onednn_got_amx():
+    assert resolve_dtype("auto", on_gpu=False, amx_status="on") == "bf16"
+    assert resolve_dtype("auto", on_gpu=False, amx_status="off: this CPU has no AMX") == "fp32"
+    assert resolve_dtype("auto", on_gpu=False, amx_status="user: DNNL_MAX_CPU_ISA=AVX512_CORE") == "fp32"
+    assert resolve_dtype("auto", on_gpu=True, amx_status="on") == "fp32"
+    assert resolve_dtype("fp16", on_gpu=True, amx_status="off: this CPU has no AMX") == "fp16"
+
+
+def test_amx_is_left_alone_on_a_cpu_without_it_and_a_user_isa_choice_is_kept():
+    environ: dict[str, str] = {}
+    assert enable_amx(flags=ZEN4, environ=environ) == "off: this CPU has no AMX" and environ == {}
+    if not {"amx_tile", "amx_bf16"} <= (cpu_flags() or set()):
+        return  # asking the kernel for AMX needs a CPU that has it
+    environ = {"DNNL_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    assert enable_amx(environ=environ) == "user: DNNL_MAX_CPU_ISA=AVX512_CORE_BF16"
+    assert environ == {"DNNL_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+
+
+_BF16_FC = """
+from dist_nmt import environment
+environment.init(None)
+import mxnet as mx
+from mxnet.contrib import amp
+x = mx.nd.amp_cast(mx.nd.ones((64, 64)), dtype=amp.amp.bfloat16)
+y = mx.nd.FullyConnected(x, x, no_bias=True, num_hidden=64)
+print(environment.AMX_STATUS, float(mx.nd.amp_cast(y, dtype="float32").sum().asscalar()))
+"""
+
+
+@pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512f"} <= (cpu_flags() or set()), reason="no AMX on this CPU")
+def test_bf16_matmul_runs_on_amx_kernels_after_environment_init():
+    # Pointing oneDNN 2.4 at AMX without the kernel's permission dies with SIGILL on the first tile instruction.
+    env = {k: v for k, v in os.environ.items() if k != "DNNL_MAX_CPU_ISA"} | {"DNNL_VERBOSE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _BF16_FC], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Intel AMX with bfloat16" in proc.stdout, proc.stdout[:2000]
+    assert proc.stdout.splitlines()[-1] == f"on {64.0 * 64 * 64}"  # every entry 64, exact in bf16
