@@ -137,7 +137,41 @@ def init_amp(dtype: str) -> None:
 
     fp32_ops = [op for op in symbol_bf16.FP32_FUNCS
                 if op not in _NO_INPUT_OPS and not op.startswith(("_random_", "random_"))]
+    import mxnet as mx
+
+    copies = {mx.symbol: mx.symbol.identity, mx.ndarray: mx.ndarray.identity}  # before AMP wraps them
     amp.init(target_dtype="bfloat16", fp32_ops=fp32_ops)
+    _route_leaf_casts_through_copy(copies)
+
+
+def _route_leaf_casts_through_copy(copies: dict) -> None:
+    """Work around MXNet 1.9.1's oneDNN `amp_cast`/`amp_multicast` (CPU): with `req=kAddTo` their backward reorders
+    into a temporary and never adds it (`AMPCastExCPU` has no `CommitOutput`), so a Parameter with `grad_req='add'`
+    (ours: micro-batches accumulate) that AMP casts directly gets a zero gradient — 96 of the 97 parameters of the
+    Multi30k Transformer, which then barely learned in bf16. A cast of a graph variable (or of an NDArray with a
+    gradient attached) therefore casts an `identity` of it: the cast's gradient is written into the identity's
+    output and the identity adds it into the Parameter's gradient correctly. Costs one copy of each cast
+    parameter per forward. `copies`: module -> its identity function as it was before `amp.init` wrapped it."""
+    import mxnet as mx
+
+    def is_leaf(x) -> bool:
+        if isinstance(x, mx.sym.Symbol):
+            return x.get_children() is None
+        return isinstance(x, mx.nd.NDArray) and x.grad is not None
+
+    for module, copy in copies.items():
+        cast, multicast = module.amp_cast, module.amp_multicast
+        if getattr(cast, "_dist_nmt_leaf_copy", False):
+            continue
+
+        def leaf_cast(data, *args, _cast=cast, _copy=copy, **kwargs):
+            return _cast(_copy(data) if is_leaf(data) else data, *args, **kwargs)
+
+        def leaf_multicast(*data, _multicast=multicast, _copy=copy, **kwargs):
+            return _multicast(*(_copy(x) if is_leaf(x) else x for x in data), **kwargs)
+
+        leaf_cast._dist_nmt_leaf_copy = True
+        module.amp_cast, module.amp_multicast = leaf_cast, leaf_multicast
 
 
 @dataclass

@@ -120,95 +120,145 @@ def _check_inputs(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, world: distributed.World, stop: StopSignal | None) -> dict:
-    t = cfg.train
-    setup_logging(world.rank, world.size, t.run_dir)
-    ctx = test_device(world.rank) or distributed.device(world)
-    cfg = resolve_precision(cfg, ctx)
-    check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
-    identity = _check_inputs(cfg)
-    tests = resolve_test_sets(cfg.data)  # fail fast on a missing or misaligned test file, not after training
-    data = RunData.load(cfg.data, t, world.rank, world.size)
-    model = build_model_for(cfg, data.vocab.size, ctx)
-    p = cfg.precision
-    scaler = LossScaler(p.init_scale, p.growth_interval, p.growth_factor, p.backoff_factor, p.min_scale,
-                        enabled=p.loss_scaling == "dynamic")
-    state = TrainState(model, make_optimizer(cfg, model), scaler, Progress())
-    checkpointer = Checkpointer(t.run_dir, t.keep_last, world.is_primary, cfg, data_identity=identity)
-    checkpointer.restore(state, ctx, data.batches_per_epoch)
-    distributed.broadcast_parameters(model.collect_params())
-    if world.is_primary:
-        save_config(cfg, Path(t.run_dir) / "config.yaml")
-        (Path(t.run_dir) / IDENTITY_FILE).write_text(json.dumps(identity, indent=1))
-    dog = Watchdog.start(cfg.dist.heartbeat_timeout_seconds, world.rank, world.size,
-                         Path(t.run_dir) / "heartbeat", lambda: str(checkpointer.last_good or ""))
-    writer = MetricsWriter(t.run_dir, world.is_primary)
-    fused_loss = uses_fused_ops(cfg, ctx)
-    validator = Validator(model, data.vocab, world, ctx, cfg.decode, cfg.data.max_len, fused_loss)
-    hooks, stop, start = FaultHooks.from_env(world.size), stop or StopSignal(), time.time()
-    progress = state.progress
-    log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
-             cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
-             progress.batch_index)
-    log.info("threads: OMP_NUM_THREADS=%s; allocator: %s; precision %s; oneDNN AMX: %s",
-             os.environ.get("OMP_NUM_THREADS"), allocator.status(), cfg.precision.dtype, environment.AMX_STATUS)
+    run = _Run.start(cfg, world, stop)
+    reason = _loop(run)
+    log.info("stopping at update %d: %s", run.state.progress.update, reason)
+    return _finish(run, reason)
+
+
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run holds between its set-up, its update loop and its final test."""
+
+    cfg: Config
+    world: distributed.World
+    ctx: mx.Context
+    data: RunData
+    state: TrainState
+    checkpointer: Checkpointer
+    validator: Validator
+    writer: MetricsWriter
+    dog: Watchdog
+    hooks: FaultHooks
+    stop: StopSignal
+    tests: list[TestSet]
+    fused_loss: bool
+    start: float
+    last_eval: int = -1
+
+    @classmethod
+    def start(cls, cfg: Config, world: distributed.World, stop: StopSignal | None) -> _Run:
+        """Check the inputs, build the model, restore the newest good checkpoint; every rank, in this order."""
+        t = cfg.train
+        setup_logging(world.rank, world.size, t.run_dir)
+        ctx = test_device(world.rank) or distributed.device(world)
+        cfg = resolve_precision(cfg, ctx)
+        check_precision(cfg.precision.dtype, ctx.device_type == "gpu", cfg.precision.loss_scaling)
+        identity = _check_inputs(cfg)
+        tests = resolve_test_sets(cfg.data)  # fail fast on a missing or misaligned test file, not after training
+        data = RunData.load(cfg.data, t, world.rank, world.size)
+        model = build_model_for(cfg, data.vocab.size, ctx)
+        p = cfg.precision
+        scaler = LossScaler(p.init_scale, p.growth_interval, p.growth_factor, p.backoff_factor, p.min_scale,
+                            enabled=p.loss_scaling == "dynamic")
+        state = TrainState(model, make_optimizer(cfg, model), scaler, Progress())
+        checkpointer = Checkpointer(t.run_dir, t.keep_last, world.is_primary, cfg, data_identity=identity)
+        checkpointer.restore(state, ctx, data.batches_per_epoch)
+        distributed.broadcast_parameters(model.collect_params())
+        if world.is_primary:
+            save_config(cfg, Path(t.run_dir) / "config.yaml")
+            (Path(t.run_dir) / IDENTITY_FILE).write_text(json.dumps(identity, indent=1))
+        dog = Watchdog.start(cfg.dist.heartbeat_timeout_seconds, world.rank, world.size,
+                             Path(t.run_dir) / "heartbeat", lambda: str(checkpointer.last_good or ""))
+        fused_loss = uses_fused_ops(cfg, ctx)
+        validator = Validator(model, data.vocab, world, ctx, cfg.decode, cfg.data.max_len, fused_loss)
+        progress = state.progress
+        log.info("training %s on %d process(es), %d batches/epoch/rank, from update %d (epoch %d, batch %d)",
+                 cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
+                 progress.batch_index)
+        log.info("threads: OMP_NUM_THREADS=%s; allocator: %s; precision %s; oneDNN AMX: %s",
+                 os.environ.get("OMP_NUM_THREADS"), allocator.status(), cfg.precision.dtype, environment.AMX_STATUS)
+        return cls(cfg, world, ctx, data, state, checkpointer, validator, MetricsWriter(t.run_dir, world.is_primary),
+                   dog, FaultHooks.from_env(world.size), stop or StopSignal(), tests, fused_loss, time.time())
+
+
+def _loop(run: _Run) -> str:
+    """Updates until a stop condition, which it returns: max_updates, max_epochs, max_time_minutes, patience, signal.
+
+    Every rank takes the same decisions (the stop and time votes are all-reduced)."""
+    t, progress, state = run.cfg.train, run.state.progress, run.state
     bar = tqdm(total=t.max_updates or None, initial=progress.update, unit="upd", dynamic_ncols=True,
-               disable=not (world.is_primary and t.progress_bar and sys.stderr.isatty()))
+               disable=not (run.world.is_primary and t.progress_bar and sys.stderr.isatty()))
     window = TrainWindow()
     reason = "max_updates" if t.max_updates and progress.update >= t.max_updates else ""
-    last_eval = -1
     while not reason:
-        batches, position = _next_batches(data, progress, t.accum_steps)
-        out_of_time = bool(t.max_time_minutes) and (time.time() - start) / 60 >= t.max_time_minutes
+        batches, position = _next_batches(run.data, progress, t.accum_steps)
+        out_of_time = bool(t.max_time_minutes) and (time.time() - run.start) / 60 >= t.max_time_minutes
         num_tgt, stop_votes, time_votes = distributed.allreduce_sum(
-            [sum(b.num_tgt_tokens for b in batches), float(bool(stop.received)), float(out_of_time)],
+            [sum(b.num_tgt_tokens for b in batches), float(bool(run.stop.received)), float(out_of_time)],
             name=f"step.{progress.update}")
         if stop_votes or time_votes:
             reason = "signal" if stop_votes else "max_time_minutes"
             break
         progress.update, (progress.epoch, progress.batch_index) = progress.update + 1, position
-        mx.random.seed(seed_for(t.seed, progress.update, world.rank))
-        state.trainer.set_learning_rate(lr_at(progress.update, cfg.optim))
-        scale = scaler.scale * hooks.loss_scale_factor(progress.update, world.rank)
-        stats = train_step(model, state.trainer, batches, ctx, scale, cfg.optim, num_tgt, fused_loss)
-        dog.tick()
-        _account(progress, scaler, stats, t.max_consecutive_bad_updates, checkpointer)
+        mx.random.seed(seed_for(t.seed, progress.update, run.world.rank))
+        state.trainer.set_learning_rate(lr_at(progress.update, run.cfg.optim))
+        scale = state.scaler.scale * run.hooks.loss_scale_factor(progress.update, run.world.rank)
+        stats = train_step(state.model, state.trainer, batches, run.ctx, scale, run.cfg.optim, num_tgt,
+                           run.fused_loss)
+        run.dog.tick()
+        _account(progress, state.scaler, stats, t.max_consecutive_bad_updates, run.checkpointer)
         bar.update(1)
         window.add(stats.loss_sum, stats.nll_sum, batches)
         if progress.update % t.log_every_updates == 0:
-            _log_update(progress, window, state.trainer.learning_rate, scaler, writer, start)
+            _log_update(progress, window, state.trainer.learning_rate, state.scaler, run.writer, run.start)
             window = TrainWindow()
-        is_best = False
-        if progress.update % t.eval_every_updates == 0:
-            with dog.phase("validation"):
-                is_best, last_eval = _validate(validator, data, cfg, progress, writer), progress.update
-            if t.patience and progress.evals_without_improvement >= t.patience:
-                reason = "patience"
-        if cfg.dist.consistency_check_every_updates and \
-                progress.update % cfg.dist.consistency_check_every_updates == 0:
-            digest = distributed.check_consistency(model.collect_params(), progress.update)
-            log.info("update %d: parameters identical on all %d ranks (sha256 %s)", progress.update, world.size,
-                     digest[:12])
-        if progress.update % t.save_every_updates == 0 or is_best:
-            with dog.phase("checkpoint save"):
-                checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
-        if t.max_updates and progress.update >= t.max_updates:
-            reason = "max_updates"
-        elif t.max_epochs and progress.epoch >= t.max_epochs:
-            reason = "max_epochs"
+        reason = _after_update(run)
     bar.close()
-    log.info("stopping at update %d: %s", progress.update, reason)
+    return reason
+
+
+def _after_update(run: _Run) -> str:
+    """The periodic work after an update (validation, consistency check, checkpoint); a stop reason or ""."""
+    t, progress, reason = run.cfg.train, run.state.progress, ""
+    is_best = False
+    if progress.update % t.eval_every_updates == 0:
+        with run.dog.phase("validation"):
+            is_best, run.last_eval = _validate(run.validator, run.data, run.cfg, progress, run.writer), progress.update
+        if t.patience and progress.evals_without_improvement >= t.patience:
+            reason = "patience"
+    every = run.cfg.dist.consistency_check_every_updates
+    if every and progress.update % every == 0:
+        digest = distributed.check_consistency(run.state.model.collect_params(), progress.update)
+        log.info("update %d: parameters identical on all %d ranks (sha256 %s)", progress.update, run.world.size,
+                 digest[:12])
+    if progress.update % t.save_every_updates == 0 or is_best:
+        with run.dog.phase("checkpoint save"):
+            run.checkpointer.save_state(run.state, run.world.size, run.data.batches_per_epoch, is_best)
+    if reason:
+        return reason
+    if t.max_updates and progress.update >= t.max_updates:
+        return "max_updates"
+    return "max_epochs" if t.max_epochs and progress.epoch >= t.max_epochs else ""
+
+
+def _finish(run: _Run, reason: str) -> dict:
+    """Validate the last stretch, save, and (unless stopped by a signal) test the final model; the summary."""
+    t, progress = run.cfg.train, run.state.progress
     # The last stretch since the previous validation counts too: without this a time-budgeted run would test the
     # model from the last multiple of eval_every_updates (up to eval_every_updates - 1 updates older).
-    with dog.phase("final validation, checkpoint and test"):
-        is_best = (t.validate_at_end and reason != "signal" and progress.update > 0 and progress.update != last_eval
-                   and _validate(validator, data, cfg, progress, writer))
-        checkpointer.save_state(state, world.size, data.batches_per_epoch, is_best)
-        hooks.dump_params(model, world.rank)
+    with run.dog.phase("final validation, checkpoint and test"):
+        is_best = (t.validate_at_end and reason != "signal" and progress.update > 0
+                   and progress.update != run.last_eval
+                   and _validate(run.validator, run.data, run.cfg, progress, run.writer))
+        run.checkpointer.save_state(run.state, run.world.size, run.data.batches_per_epoch, is_best)
+        run.hooks.dump_params(run.state.model, run.world.rank)
         summary = _summary(progress, reason)
-        if reason != "signal" and tests:
-            summary.update(_test(validator, data, tests, checkpointer, cfg, writer, progress))
-    dog.stop()
-    writer.close()
+        if reason != "signal" and run.tests:
+            summary.update(_test(run.validator, run.data, run.tests, run.checkpointer, run.cfg, run.writer,
+                                 progress))
+    run.dog.stop()
+    run.writer.close()
     return summary
 
 

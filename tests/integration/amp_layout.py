@@ -49,7 +49,7 @@ def layout(sym: mx.sym.Symbol) -> list[dict]:
         return next(by_output[key] for key in keys if key in by_output)
 
     def source(j: int) -> str:  # what a weight is made from: a parameter's name, or an op such as _ones
-        while nodes[j]["op"] in ("amp_cast", "amp_multicast", "Reshape", "_mul_scalar", "broadcast_mul"):
+        while nodes[j]["op"] in ("amp_cast", "amp_multicast", "_copy", "Reshape", "_mul_scalar", "broadcast_mul"):
             j = nodes[j]["inputs"][0][0]
         return nodes[j]["name"] if nodes[j]["op"] == "null" else nodes[j]["op"]
 

@@ -92,9 +92,50 @@ def test_bf16_on_cpu_trains_close_to_fp32(tmp_path, prepared):
     fp32 = [r["loss"] for r in metrics(tmp_path / "fp32", "train")]
     bf16 = [r["loss"] for r in metrics(tmp_path / "bf16", "train")]
     assert bf16[-1] < bf16[0] - 0.5
-    # Measured: bf16 learns, but lags fp32 early (6.50 vs 6.10 after 40 updates; logits and LayerNorm
-    # statistics come out of bf16 matmuls). The bound catches a broken bf16 path, not the known gap.
-    np.testing.assert_allclose(bf16, fp32, rtol=0.10)
+    # With MXNet's oneDNN amp_cast dropping accumulated gradients (see the test below) bf16 lagged: 6.50 vs 6.10
+    # after 40 updates. Fixed, it tracks fp32 to bf16 rounding.
+    np.testing.assert_allclose(bf16, fp32, rtol=0.02)
+
+
+_GRADS = """
+import sys
+from dist_nmt import environment
+environment.init(None)
+import mxnet as mx, numpy as np
+from dist_nmt.config import load_config
+from dist_nmt.data import random_batch
+from dist_nmt.step import forward_loss, to_nd
+from dist_nmt.train import build_model_for
+cfg = load_config(sys.argv[1], ["precision.dtype=" + sys.argv[2], "train.max_updates=1",
+                                "model.transformer.dropout=0", "model.gnmt.dropout=0"])
+model = build_model_for(cfg, 60, mx.cpu())
+model.collect_params().setattr("grad_req", sys.argv[3])
+x = to_nd(random_batch(4, 7, 6, 60), mx.cpu())
+with mx.autograd.record():
+    loss, _ = forward_loss(model, x, 0.1, False)
+loss.backward()
+np.savez(sys.argv[4], **{n: p.grad().asnumpy() for n, p in model.collect_params().items()})
+"""
+
+
+@pytest.mark.skipif(bool(_bf16_unsupported()), reason=_bf16_unsupported()[:120])
+@pytest.mark.parametrize("model", ["configs/tiny.yaml", "configs/models/gnmt_2x512.yaml"])
+def test_bf16_gradients_reach_every_parameter_when_they_accumulate(tmp_path, model):
+    # MXNet 1.9.1's oneDNN amp_cast never adds its backward into an accumulating (grad_req='add') gradient: every
+    # parameter AMP casts got a zero gradient and bf16 training barely moved (dist_nmt.precision works around it).
+    grads = {}
+    for dtype, req in [("bf16", "add"), ("bf16", "write"), ("fp32", "write")]:
+        out = tmp_path / f"{dtype}_{req}.npz"
+        run_cli([PYTHON, "-c", _GRADS, model, dtype, req, str(out)], timeout=300)
+        grads[dtype, req] = dict(np.load(out))
+    accumulated, written, fp32 = grads["bf16", "add"], grads["bf16", "write"], grads["fp32", "write"]
+    zero = [name for name, g in accumulated.items() if not np.any(g)]
+    assert not zero, f"{len(zero)} of {len(accumulated)} parameters got no gradient in bf16: {zero[:5]}"
+    for name in accumulated:
+        np.testing.assert_array_equal(accumulated[name], written[name], err_msg=name)
+    cosine = {n: float((accumulated[n] * fp32[n]).sum() / (np.linalg.norm(accumulated[n]) * np.linalg.norm(fp32[n])))
+              for n in fp32 if np.any(fp32[n])}
+    assert min(cosine.values()) > 0.9, sorted(cosine.items(), key=lambda kv: kv[1])[:3]
 
 
 @pytest.mark.skipif(not _bf16_unsupported(), reason="this CPU runs bf16")
