@@ -37,7 +37,7 @@ def test_unknown_section():
     ({"train": {"max_updates": 5, "hybridize": "yes"}}, r"'train.hybridize': expected true or false"),
     ({"model": {"arch": "gnmtt"}, **RUNNABLE},
      r"'model.arch': invalid value 'gnmtt'; choose one of: gnmt, transformer"),
-    ({"precision": {"dtype": "fp8"}, **RUNNABLE}, r"choose one of: bf16, fp16, fp32"),
+    ({"precision": {"dtype": "fp8"}, **RUNNABLE}, r"choose one of: auto, bf16, fp16, fp32"),
     ({"model": {"attention_impl": "flash"}, **RUNNABLE},
      r"'model.attention_impl': invalid value 'flash'; choose one of: auto, batch_dot, fused, interleaved"),
     ({"dist": {"compression": "int8"}, **RUNNABLE},
