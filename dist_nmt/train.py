@@ -235,11 +235,9 @@ def _after_update(run: _Run) -> str:
     if progress.update % t.save_every_updates == 0 or is_best:
         with run.dog.phase("checkpoint save"):
             run.checkpointer.save_state(run.state, run.world.size, run.data.batches_per_epoch, is_best)
-    if reason:
-        return reason
     if t.max_updates and progress.update >= t.max_updates:
         return "max_updates"
-    return "max_epochs" if t.max_epochs and progress.epoch >= t.max_epochs else ""
+    return "max_epochs" if t.max_epochs and progress.epoch >= t.max_epochs else reason
 
 
 def _finish(run: _Run, reason: str) -> dict:
