@@ -10,6 +10,11 @@ points re-execute themselves once with it set:
 
 Opt out with `DIST_NMT_ALLOCATOR=system`. Without the library (Debian/Ubuntu: libtcmalloc-minimal4) training
 runs as before, only slower; `status()` says which allocator is in use, and the trainer logs it.
+
+The other memory sink is MXNet's own cache of oneDNN primitives: one entry per operator and input shape, never
+evicted. With 45 batch shapes (the bucketed Multi30k batches) a 256-unit GNMT grew to 8.1 GB in its first 200
+updates, 2.4 GB with `MXNET_MKLDNN_CACHE_NUM=1`, at the same loss and no slower (oneDNN keeps its own bounded
+primitive cache underneath). `bound_primitive_cache()` sets that default; a user's value wins.
 """
 from __future__ import annotations
 
@@ -29,6 +34,17 @@ def find_tcmalloc() -> str | None:
             if os.path.exists(path):
                 return path
     return None
+
+
+PRIMITIVE_CACHE_VAR = "MXNET_MKLDNN_CACHE_NUM"
+PRIMITIVE_CACHE_DEFAULT = "1"
+
+
+def bound_primitive_cache() -> str:
+    """Bound MXNet's per-shape oneDNN primitive cache unless the user set it (before mxnet is imported); returns
+    the setting for the log, e.g. 'MXNET_MKLDNN_CACHE_NUM=1'."""
+    os.environ.setdefault(PRIMITIVE_CACHE_VAR, PRIMITIVE_CACHE_DEFAULT)
+    return f"{PRIMITIVE_CACHE_VAR}={os.environ[PRIMITIVE_CACHE_VAR]}"
 
 
 def status() -> str:

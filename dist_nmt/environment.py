@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dist_nmt import allocator, distributed, precision
 
 AMX_STATUS = "off: environment.init has not run"  # what `precision.enable_amx` did in this process, for the log
+PRIMITIVE_CACHE = "unbounded: environment.init has not run"  # `allocator.bound_primitive_cache`'s setting, for the log
 
 
 class StopSignal:
@@ -35,13 +36,15 @@ class StopSignal:
 
 def init(reexec_argv: Sequence[str] | None) -> StopSignal:
     """Re-execute on tcmalloc (when `reexec_argv`, the interpreter arguments of this command, is given), set the
-    OpenMP/MXNet thread counts from the launcher's local process count, and install the stop-signal handlers.
+    OpenMP/MXNet thread counts from the launcher's local process count, bound MXNet's oneDNN primitive cache,
+    enable AMX where the CPU has it, and install the stop-signal handlers.
 
     Returns only in the process that will do the work; idempotent.
     """
     if reexec_argv is not None:
         allocator.preload_tcmalloc(list(reexec_argv))
     distributed.configure_threads()
-    global AMX_STATUS
+    global AMX_STATUS, PRIMITIVE_CACHE
+    PRIMITIVE_CACHE = allocator.bound_primitive_cache()
     AMX_STATUS = precision.enable_amx()
     return StopSignal()

@@ -44,6 +44,7 @@ def test_training_lowers_loss_and_reports_bleu(tmp_path, prepared):
     assert (run / "checkpoints" / "best" / "MANIFEST.json").is_file()
     if allocator.find_tcmalloc():  # the command line re-executed itself on tcmalloc (dist_nmt/allocator.py)
         assert "allocator: tcmalloc" in proc.stderr
+    assert "oneDNN primitive cache: MXNET_MKLDNN_CACHE_NUM=1" in proc.stderr  # bounded before mxnet loaded
 
 
 def test_resume_equals_uninterrupted(tmp_path, prepared):

@@ -40,3 +40,11 @@ def test_status_names_the_allocator(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD")
     monkeypatch.setenv("DIST_NMT_ALLOCATOR", "system")
     assert allocator.status().startswith("system malloc")
+
+
+def test_onednn_primitive_cache_is_bounded_unless_the_user_set_it(monkeypatch):
+    monkeypatch.delenv(allocator.PRIMITIVE_CACHE_VAR, raising=False)
+    assert allocator.bound_primitive_cache() == "MXNET_MKLDNN_CACHE_NUM=1"
+    assert os.environ[allocator.PRIMITIVE_CACHE_VAR] == "1"
+    monkeypatch.setenv(allocator.PRIMITIVE_CACHE_VAR, "64")
+    assert allocator.bound_primitive_cache() == "MXNET_MKLDNN_CACHE_NUM=64"
