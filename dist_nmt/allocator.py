@@ -40,11 +40,14 @@ PRIMITIVE_CACHE_VAR = "MXNET_MKLDNN_CACHE_NUM"
 PRIMITIVE_CACHE_DEFAULT = "1"
 
 
-def bound_primitive_cache() -> str:
-    """Bound MXNet's per-shape oneDNN primitive cache unless the user set it (before mxnet is imported); returns
-    the setting for the log, e.g. 'MXNET_MKLDNN_CACHE_NUM=1'."""
+def bound_primitive_cache() -> None:
+    """Bound MXNet's per-shape oneDNN primitive cache unless the user set it (before mxnet is imported)."""
     os.environ.setdefault(PRIMITIVE_CACHE_VAR, PRIMITIVE_CACHE_DEFAULT)
-    return f"{PRIMITIVE_CACHE_VAR}={os.environ[PRIMITIVE_CACHE_VAR]}"
+
+
+def primitive_cache_status() -> str:
+    """One line for the log, e.g. 'MXNET_MKLDNN_CACHE_NUM=1'."""
+    return f"{PRIMITIVE_CACHE_VAR}={os.environ.get(PRIMITIVE_CACHE_VAR, 'unset (unbounded)')}"
 
 
 def status() -> str:

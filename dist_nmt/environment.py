@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dist_nmt import allocator, distributed, precision
 
 AMX_STATUS = "off: environment.init has not run"  # what `precision.enable_amx` did in this process, for the log
-PRIMITIVE_CACHE = "unbounded: environment.init has not run"  # `allocator.bound_primitive_cache`'s setting, for the log
 
 
 class StopSignal:
@@ -44,7 +43,7 @@ def init(reexec_argv: Sequence[str] | None) -> StopSignal:
     if reexec_argv is not None:
         allocator.preload_tcmalloc(list(reexec_argv))
     distributed.configure_threads()
-    global AMX_STATUS, PRIMITIVE_CACHE
-    PRIMITIVE_CACHE = allocator.bound_primitive_cache()
+    allocator.bound_primitive_cache()
+    global AMX_STATUS
     AMX_STATUS = precision.enable_amx()
     return StopSignal()

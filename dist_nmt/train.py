@@ -177,8 +177,8 @@ class _Run:
                  cfg.model.arch, world.size, data.batches_per_epoch, progress.update, progress.epoch,
                  progress.batch_index)
         log.info("threads: OMP_NUM_THREADS=%s; allocator: %s; oneDNN primitive cache: %s; precision %s; "
-                 "oneDNN AMX: %s", os.environ.get("OMP_NUM_THREADS"), allocator.status(), environment.PRIMITIVE_CACHE,
-                 cfg.precision.dtype, environment.AMX_STATUS)
+                 "oneDNN AMX: %s", os.environ.get("OMP_NUM_THREADS"), allocator.status(),
+                 allocator.primitive_cache_status(), cfg.precision.dtype, environment.AMX_STATUS)
         return cls(cfg, world, ctx, data, state, checkpointer, validator, MetricsWriter(t.run_dir, world.is_primary),
                    dog, FaultHooks.from_env(world.size), stop or StopSignal(), tests, fused_loss, time.time())
 
