@@ -79,6 +79,7 @@ class OptimConfig:
     decay_start_updates: int = 0  # step_decay: first update at the decayed rate (0 = never decay)
     decay_every_updates: int = 0  # step_decay: decay again every this many updates (0 = only once)
     decay_factor: float = 0.5  # step_decay: multiplier per decay (GluonNLP's GNMT halves)
+    cooldown_updates: int = 0  # linear decay towards 0 over the last this many updates of train.max_updates
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,9 @@ def _validate(cfg: Config) -> None:
               f"{len(d.extra_tests)} data.extra_tests; give one per test set, in the same order, or []")
     if cfg.model.gnmt.num_bi_layers > cfg.model.gnmt.num_enc_layers:
         _fail("model.gnmt.num_bi_layers", "cannot exceed model.gnmt.num_enc_layers")
+    if cfg.optim.cooldown_updates and not cfg.train.max_updates > cfg.optim.cooldown_updates:
+        _fail("optim.cooldown_updates", f"{cfg.optim.cooldown_updates} needs train.max_updates larger than it (the "
+              f"cooldown ends at train.max_updates, now {cfg.train.max_updates}); set train.max_updates or use 0")
     if not (cfg.train.max_updates or cfg.train.max_epochs or cfg.train.max_time_minutes):
         _fail("train.max_updates", "set at least one of train.max_updates, train.max_epochs, "
               "train.max_time_minutes so training can stop")

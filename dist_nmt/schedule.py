@@ -10,7 +10,12 @@ then follows `optim.schedule`:
   means a single decay at `decay_start_updates`. GluonNLP halves once per epoch from 2/3 of its epochs; a
   time-budgeted run states the update counts directly (updates per minute times minutes).
 
-    lr = lr_at(update, cfg.optim)
+Any schedule can end with a linear cooldown (`cooldown_updates` > 0; the warmup-stable-decay shape of Hägele et
+al. 2024, Sockeye's and fairseq's linear decay to a known end): over the last `cooldown_updates` updates before
+`train.max_updates` the rate falls linearly from the schedule's value at the cooldown's start towards 0, reaching
+lr_start / cooldown_updates at the last update. A run stopped earlier (by time or patience) never cools down.
+
+    lr = lr_at(update, cfg.optim, cfg.train.max_updates)
 """
 from __future__ import annotations
 
@@ -42,9 +47,25 @@ def step_decay(update: int, lr: float, decay_start_updates: int, decay_every_upd
     return lr * decay_factor ** steps
 
 
-def lr_at(update: int, optim: OptimConfig) -> float:
-    """Learning rate for 1-based `update` under `optim` (lr, warmup_updates, warmup_init_lr, schedule, decay_*)."""
+def cooldown_factor(update: int, cooldown_updates: int, max_updates: int) -> float:
+    """1 before the cooldown; (max_updates + 1 - update) / cooldown_updates inside it (1 at its first update)."""
+    start = max_updates - cooldown_updates
+    if cooldown_updates <= 0 or max_updates <= 0 or update <= start:
+        return 1.0
+    return max(0.0, (max_updates + 1 - update) / cooldown_updates)
+
+
+def lr_at(update: int, optim: OptimConfig, max_updates: int = 0) -> float:
+    """Learning rate for 1-based `update` under `optim` (lr, warmup_*, schedule, decay_*, cooldown_updates before
+    `max_updates`, the run's train.max_updates)."""
     update = max(1, update)
+    if optim.cooldown_updates > 0 and max_updates > 0 and update > max_updates - optim.cooldown_updates:
+        start = max(1, max_updates - optim.cooldown_updates)
+        return _schedule_lr(start, optim) * cooldown_factor(update, optim.cooldown_updates, max_updates)
+    return _schedule_lr(update, optim)
+
+
+def _schedule_lr(update: int, optim: OptimConfig) -> float:
     if update <= optim.warmup_updates:
         return warmup_lr(update, optim.lr, optim.warmup_updates, optim.warmup_init_lr)
     if optim.schedule == "inverse_sqrt":

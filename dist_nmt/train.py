@@ -203,7 +203,7 @@ def _loop(run: _Run) -> str:
             break
         progress.update, (progress.epoch, progress.batch_index) = progress.update + 1, position
         mx.random.seed(seed_for(t.seed, progress.update, run.world.rank))
-        state.trainer.set_learning_rate(lr_at(progress.update, run.cfg.optim))
+        state.trainer.set_learning_rate(lr_at(progress.update, run.cfg.optim, run.cfg.train.max_updates))
         scale = state.scaler.scale * run.hooks.loss_scale_factor(progress.update, run.world.rank)
         stats = train_step(state.model, state.trainer, batches, run.ctx, scale, run.cfg.optim, num_tgt,
                            run.fused_loss)

@@ -1,4 +1,6 @@
 """Learning-rate schedules: values checked by hand."""
+import itertools
+
 import pytest
 
 from dist_nmt.config import ConfigError, OptimConfig, load_config
@@ -56,3 +58,22 @@ def test_config_rejects_unknown_schedule_and_bad_factor():
         load_config(None, ["train.max_updates=1", "optim.schedule=cosine"])
     with pytest.raises(ConfigError, match="optim.decay_factor"):
         load_config(None, ["train.max_updates=1", "optim.decay_factor=2"])
+
+
+def test_cooldown_falls_linearly_from_the_schedule_to_near_zero_at_max_updates():
+    cfg = optim(cooldown_updates=400)  # inverse_sqrt, warmup 100; cooldown over updates 1601..2000
+    assert lr_at(1600, cfg, 2000) == pytest.approx(2.5e-4)  # sqrt(100/1600): the schedule itself
+    assert lr_at(1601, cfg, 2000) == pytest.approx(2.5e-4)  # first cooldown update keeps the start value
+    assert lr_at(1801, cfg, 2000) == pytest.approx(2.5e-4 * 200 / 400)
+    assert lr_at(2000, cfg, 2000) == pytest.approx(2.5e-4 / 400)
+    assert lr_at(1601, cfg) == pytest.approx(1e-3 * (100 / 1601) ** 0.5)  # no max_updates: no cooldown
+    rates = [lr_at(u, cfg, 2000) for u in range(1601, 2001)]
+    assert all(a > b for a, b in itertools.pairwise(rates))
+
+
+def test_config_rejects_a_cooldown_without_a_longer_max_updates():
+    assert load_config(None, ["train.max_updates=500", "optim.cooldown_updates=100"]).optim.cooldown_updates == 100
+    with pytest.raises(ConfigError, match="optim.cooldown_updates.*train.max_updates"):
+        load_config(None, ["train.max_time_minutes=5", "optim.cooldown_updates=100"])
+    with pytest.raises(ConfigError, match="optim.cooldown_updates"):
+        load_config(None, ["train.max_updates=100", "optim.cooldown_updates=100"])
