@@ -19,7 +19,8 @@ after another, or `--parallel K` at a time with run i pinned to its own cores (o
 = cores per run), which on a 2-core machine screens twice as many settings per hour at one thread each. Its line
 holds the dev curve (update, minutes, BLEU, perplexity) from RUN_DIR/metrics.jsonl, the number of updates, the mean
 training tokens/s, the final and best dev BLEU, test BLEU when the run decoded the test set, and the exit code.
-Runs whose result line already exists in the output file are skipped, so an interrupted sweep resumes.
+Runs whose result line already exists in the output file are skipped, so an interrupted sweep resumes;
+`--only a,b` runs just the named runs (e.g. the top few again, or a subset when time is short).
 """
 from __future__ import annotations
 
@@ -74,6 +75,19 @@ def load_sweep(path: Path) -> dict:
     return sweep
 
 
+def select_runs(runs: list[dict], done: set[str], only: str | None, path: Path) -> list[dict]:
+    """The runs still to do, in file order: not in `done`, and named in `only` (comma-separated) when given."""
+    todo = [run for run in runs if run["name"] not in done]
+    if not only:
+        return todo
+    wanted = set(only.split(","))
+    unknown = wanted - {run["name"] for run in runs}
+    if unknown:
+        raise SystemExit(f"--only: no run named {', '.join(sorted(unknown))} in {path}; its runs are: "
+                         f"{', '.join(run['name'] for run in runs)}")
+    return [run for run in todo if run["name"] in wanted]
+
+
 def pinned(slot: int, cores_per_run: int) -> tuple[dict, object]:
     """Environment and pre-exec hook that give parallel slot `slot` its own cores and that many OpenMP threads."""
     cores = sorted(os.sched_getaffinity(0))[slot * cores_per_run:(slot + 1) * cores_per_run]
@@ -87,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="JSON-lines results (default RUN_ROOT/results.jsonl)")
     parser.add_argument("--run-root", type=Path, help="parent of the run directories")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time, each pinned to its own cores")
+    parser.add_argument("--only", help="comma-separated run names: run just these (in the sweep file's order)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     sweep = load_sweep(args.sweep)
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["name"] for line in output.read_text().splitlines() if line.strip()} \
         if output.is_file() else set()
-    todo = [run for run in sweep["runs"] if run["name"] not in done]
+    todo = select_runs(sweep["runs"], done, args.only, args.sweep)
     for name in sorted(done):
         log.info("skipping %s: already in %s", name, output)
     for first in range(0, len(todo), args.parallel):

@@ -46,3 +46,12 @@ def test_every_run_of_a_shipped_sweep_is_a_valid_config(path):
                                   Path("runs/x"))[5:]
         load_config(spec["config"], overrides)
     assert yaml.safe_load(path.read_text())["runs"][0]["overrides"] == [], "first run is the unchanged baseline"
+
+
+def test_only_selects_named_runs_in_file_order_and_rejects_unknown_names():
+    runs = [{"name": n, "overrides": []} for n in ("baseline", "lr", "dropout")]
+    assert [r["name"] for r in sweep.select_runs(runs, {"lr"}, None, Path("s.yaml"))] == ["baseline", "dropout"]
+    assert [r["name"] for r in sweep.select_runs(runs, set(), "dropout,baseline", Path("s.yaml"))] == \
+        ["baseline", "dropout"]
+    with pytest.raises(SystemExit, match="no run named typo in s.yaml; its runs are: baseline, lr, dropout"):
+        sweep.select_runs(runs, set(), "lr,typo", Path("s.yaml"))
