@@ -27,13 +27,20 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integration.netns import IP, NETNS_ETC, _ip, _kill_namespace_processes, available  # noqa: F401
+from integration.netns import (  # noqa: F401 (available: re-exported for the tests)
+    IP,
+    NETNS_ETC,
+    _ip,
+    _kill_namespace_processes,
+    available,
+    write_etc_hosts,
+    write_ssh_shim,
+)
 
 PREFIX = "dnmtc-"
 SWITCH = PREFIX + "sw"
@@ -212,35 +219,12 @@ class SimCluster:
 
     def _write_etc_hosts(self) -> None:
         NETNS_ETC.mkdir(exist_ok=True)
-        me = socket.gethostname()
-        names = "".join(f"{h.address}\t{h.name}\n" for h in self.hosts)
-        for host in self.hosts:
-            (NETNS_ETC / host.namespace).mkdir()
-            (NETNS_ETC / host.namespace / "hosts").write_text(
-                f"{host.address}\t{me}\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n{names}")
+        write_etc_hosts({h.namespace: h.address for h in self.hosts}, {h.name: h.address for h in self.hosts})
 
     def _write_ssh_shim(self) -> None:
-        self.shim_dir.mkdir(parents=True)
-        cases = "".join(f"  {h.name}|{h.address}) ns={h.namespace} name={h.name} ;;\n" for h in self.hosts)
-        shim = self.shim_dir / "ssh"
-        shim.write_text(f"""#!/bin/bash
-# ssh stand-in: ssh [OPTIONS] [USER@]HOST [OPTIONS] COMMAND... runs COMMAND in HOST's network namespace.
-# Used by horovodrun (as `ssh` on PATH) and by Open MPI (--mca plm_rsh_agent); their options are ignored.
-host=
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -[oipFlJLRDEcmS]) shift 2 ;;
-    -*) shift ;;
-    *) if [ -z "$host" ]; then host=${{1#*@}}; shift; else break; fi ;;
-  esac
-done
-case "$host" in
-{cases}  *) echo "ssh shim: unknown host '$host'" >&2; exit 255 ;;
-esac
-echo "$ns $*" >> "{self.shim_dir}/calls.log"
-exec {IP} netns exec "$ns" unshare --uts -- "{self.shim_dir}/as-host" "$name" bash -c "$*"
-""")
-        shim.chmod(0o755)
+        write_ssh_shim(self.shim_dir,
+                       "".join(f"  {h.name}|{h.address}) ns={h.namespace} name={h.name} ;;\n" for h in self.hosts),
+                       f'exec {IP} netns exec "$ns" unshare --uts -- "{self.shim_dir}/as-host" "$name" bash -c "$*"')
         # Open MPI tells nodes apart by hostname (with one hostname for all, 2 hosts x 2 slots crash in MPI_Allgather).
         as_host = self.shim_dir / "as-host"
         as_host.write_text('#!/bin/bash\n# as-host NAME CMD...: set this UTS namespace\'s hostname, run CMD\n'

@@ -124,20 +124,32 @@ class TwoHosts:
         if not NETNS_ETC.exists():
             NETNS_ETC.mkdir()
             self._created_etc.append(NETNS_ETC)
-        name = socket.gethostname()
-        for host in self.hosts:
-            others = "".join(f"{h.address}\t{h.namespace}\n" for h in self.hosts)
-            (NETNS_ETC / host.namespace).mkdir()
-            (NETNS_ETC / host.namespace / "hosts").write_text(
-                f"{host.address}\t{name}\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n{others}")
+        write_etc_hosts({h.namespace: h.address for h in self.hosts}, {h.namespace: h.address for h in self.hosts})
 
     def _write_ssh_shim(self) -> None:
-        self.shim_dir.mkdir(parents=True)
-        cases = "".join(f"  {h.address}) ns={h.namespace} ;;\n" for h in self.hosts)
-        shim = self.shim_dir / "ssh"
-        shim.write_text(f"""#!/bin/bash
+        write_ssh_shim(self.shim_dir, "".join(f"  {h.address}) ns={h.namespace} ;;\n" for h in self.hosts),
+                       f'exec {IP} netns exec "$ns" bash -c "$*"')
+
+
+def write_etc_hosts(namespaces: dict[str, str], names: dict[str, str]) -> None:
+    """`/etc/netns/<ns>/hosts` for each namespace -> its address: this machine's hostname at the namespace's own
+    address (Horovod's Gloo contexts dial the hostname), localhost, then every name -> address in `names`."""
+    me = socket.gethostname()
+    table = "".join(f"{address}\t{name}\n" for name, address in names.items())
+    for namespace, address in namespaces.items():
+        (NETNS_ETC / namespace).mkdir()
+        (NETNS_ETC / namespace / "hosts").write_text(
+            f"{address}\t{me}\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n{table}")
+
+
+def write_ssh_shim(shim_dir: Path, cases: str, exec_line: str) -> Path:
+    """`shim_dir/ssh`: an ssh stand-in that parses `ssh [OPTIONS] [USER@]HOST [OPTIONS] COMMAND...` (horovodrun and
+    Open MPI pass -o/-p/-i options before and after HOST; they are ignored), picks HOST's namespace by the bash
+    `case` arms `cases` (which set $ns and anything `exec_line` reads), logs the call and runs `exec_line`."""
+    shim_dir.mkdir(parents=True)
+    shim = shim_dir / "ssh"
+    shim.write_text(f"""#!/bin/bash
 # ssh stand-in for tests: ssh [OPTIONS] [USER@]HOST [OPTIONS] COMMAND... runs COMMAND in HOST's network namespace.
-# horovodrun passes -o/-p/-i options (before and after HOST); they are parsed and ignored.
 host=
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -149,10 +161,11 @@ done
 case "$host" in
 {cases}  *) echo "ssh shim: unknown host '$host'" >&2; exit 255 ;;
 esac
-echo "$ns $*" >> "{self.shim_dir}/calls.log"
-exec {IP} netns exec "$ns" bash -c "$*"
+echo "$ns $*" >> "{shim_dir}/calls.log"
+{exec_line}
 """)
-        shim.chmod(0o755)
+    shim.chmod(0o755)
+    return shim
 
 
 def available() -> str | None:
