@@ -40,7 +40,7 @@ if __name__ == "__main__":  # the trainer's process set-up (tcmalloc, threads) b
 
 import mxnet as mx
 import numpy as np
-from bench_train import preset_config, time_alternating, trainer_step
+from bench_train import add_step_args, preset_config, time_alternating, trainer_step
 from mxnet import autograd
 
 from dist_nmt import allocator, distributed, ops
@@ -105,12 +105,7 @@ def summarise(wall: dict, cpu: dict, baseline: str = "batch_dot") -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="transformer_base", help="configs/models/<name>.yaml or a path")
-    parser.add_argument("--batch-sentences", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=25)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--steps", type=int, default=10, help="timed full training steps per candidate")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_step_args(parser, steps=10, steps_help="timed full training steps per candidate")
     parser.add_argument("--block-steps", type=int, default=50, help="timed block calls per candidate and block")
     parser.add_argument("--impls", default=",".join(ATTENTION_IMPLS), help="comma-separated subset")
     parser.add_argument("--no-full-step", action="store_true", help="time the attention blocks only")

@@ -188,14 +188,20 @@ class _Forward:
         return self.model.collect_params()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_step_args(parser: argparse.ArgumentParser, steps: int, steps_help: str | None = None) -> None:
+    """The model and batch flags every training-step benchmark takes: --preset, --batch-sentences, --seq-len,
+    --vocab, --steps (timed) and --warmup (untimed)."""
     parser.add_argument("--preset", default="transformer_base", help="configs/models/<name>.yaml or a path")
     parser.add_argument("--batch-sentences", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=25)
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--warmup", type=int, default=2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_step_args(parser, steps=5)
     parser.add_argument("--no-reference", action="store_true", help="skip the GluonNLP comparison")
     parser.add_argument("overrides", nargs="*", help="config overrides for our model, e.g. precision.dtype=bf16")
     args = parser.parse_args(argv)
