@@ -471,39 +471,11 @@ bool same_shape(const std::vector<std::vector<unsigned int>>& shapes, size_t a, 
   return shapes.at(a) == shapes.at(b);
 }
 
-MXReturnValue parse_add_dropout_norm(const Attrs&, int* num_in, int* num_out) {
-  *num_in = 3;
-  *num_out = 2;
-  return MX_SUCCESS;
-}
-
-MXReturnValue parse_norm(const Attrs&, int* num_in, int* num_out) {
-  *num_in = 1;
-  *num_out = 2;
-  return MX_SUCCESS;
-}
-
-MXReturnValue parse_add_dropout(const Attrs&, int* num_in, int* num_out) {
-  *num_in = 3;
-  *num_out = 1;
-  return MX_SUCCESS;
-}
-
-MXReturnValue parse_attention(const Attrs&, int* num_in, int* num_out) {
-  *num_in = 5;
-  *num_out = 2;
-  return MX_SUCCESS;
-}
-
-MXReturnValue parse_additive_score(const Attrs&, int* num_in, int* num_out) {
-  *num_in = 3;
-  *num_out = 1;
-  return MX_SUCCESS;
-}
-
-MXReturnValue parse_smoothed_nll(const Attrs&, int* num_in, int* num_out) {
-  *num_in = 2;
-  *num_out = 3;
+// Inputs and outputs of each op (lib_api's parseAttrs callback; none of the ops has a variable count).
+template <int kInputs, int kOutputs>
+MXReturnValue parse_io(const Attrs&, int* num_in, int* num_out) {
+  *num_in = kInputs;
+  *num_out = kOutputs;
   return MX_SUCCESS;
 }
 
@@ -570,42 +542,42 @@ MXReturnValue shape_additive_score(const Attrs&, std::vector<std::vector<unsigne
 REGISTER_OP(dn_add_dropout_norm)
     .setForward(add_dropout_norm_forward, "cpu")
     .setBackward(add_dropout_norm_backward, "cpu")
-    .setParseAttrs(parse_add_dropout_norm)
+    .setParseAttrs(parse_io<3, 2>)
     .setInferType(all_float32)
     .setInferShape(shape_norm);
 
 REGISTER_OP(dn_norm)
     .setForward(add_dropout_norm_forward, "cpu")
     .setBackward(add_dropout_norm_backward, "cpu")
-    .setParseAttrs(parse_norm)
+    .setParseAttrs(parse_io<1, 2>)
     .setInferType(all_float32)
     .setInferShape(shape_norm);
 
 REGISTER_OP(dn_add_dropout)
     .setForward(add_dropout_forward, "cpu")
     .setBackward(add_dropout_backward, "cpu")
-    .setParseAttrs(parse_add_dropout)
+    .setParseAttrs(parse_io<3, 1>)
     .setInferType(all_float32)
     .setInferShape(shape_add_dropout);
 
 REGISTER_OP(dn_attention)
     .setForward(attention_forward, "cpu")
     .setBackward(attention_backward, "cpu")
-    .setParseAttrs(parse_attention)
+    .setParseAttrs(parse_io<5, 2>)
     .setInferType(all_float32)
     .setInferShape(shape_attention);
 
 REGISTER_OP(dn_additive_score)
     .setForward(additive_score_forward, "cpu")
     .setBackward(additive_score_backward, "cpu")
-    .setParseAttrs(parse_additive_score)
+    .setParseAttrs(parse_io<3, 1>)
     .setInferType(all_float32)
     .setInferShape(shape_additive_score);
 
 REGISTER_OP(dn_smoothed_nll)
     .setForward(smoothed_nll_forward, "cpu")
     .setBackward(smoothed_nll_backward, "cpu")
-    .setParseAttrs(parse_smoothed_nll)
+    .setParseAttrs(parse_io<2, 3>)
     .setInferType(all_float32)
     .setInferShape(shape_smoothed_nll);
 
