@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -16,6 +17,11 @@ from dist_nmt import distributed
 from dist_nmt.data.batch import Batch, padding_efficiency
 
 log = logging.getLogger(__name__)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size so far, in GB (Linux reports ru_maxrss in kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
 def setup_logging(rank: int, size: int, run_dir: str | Path | None = None) -> None:
@@ -97,7 +103,8 @@ class TrainWindow:
             self.tgt_slots += b.tgt_slots
 
     def log_values(self, update: int) -> dict[str, float]:
-        """Loss, perplexity, tokens/s and per-side padding efficiency over all ranks (a collective)."""
+        """Loss, perplexity, tokens/s, per-side padding efficiency and the largest peak RSS over all ranks
+        (collectives)."""
         totals = distributed.allreduce_sum(
             [self.loss_sum, self.nll_sum, self.num_src_tokens, self.num_tgt_tokens, self.src_slots, self.tgt_slots],
             name=f"log.{update}")
@@ -106,4 +113,5 @@ class TrainWindow:
         pad = padding_efficiency(src, tgt, src_slots, tgt_slots)
         return {"loss": loss / max(tgt, 1.0), "ppl": float(np.exp(min(nll / max(tgt, 1.0), 50.0))),
                 "tokens_per_s": (src + tgt) / seconds, "padding_efficiency": pad.combined,
-                "padding_efficiency_src": pad.src, "padding_efficiency_tgt": pad.tgt}
+                "padding_efficiency_src": pad.src, "padding_efficiency_tgt": pad.tgt,
+                "peak_rss_gb": max(distributed.allgather_object(peak_rss_gb(), name=f"rss.{update}"))}

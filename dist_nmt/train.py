@@ -312,9 +312,9 @@ def _log_update(progress: Progress, window: TrainWindow, lr: float, scaler: Loss
     values.update(lr=lr, epoch=progress.epoch, skipped=progress.num_skipped_updates, loss_scale=scaler.scale,
                   elapsed_min=(time.time() - start) / 60)
     log.info("update %d | epoch %d | loss %.3f | ppl %.2f | lr %.2e | %.0f tok/s | pad eff src %.2f tgt %.2f | "
-             "%.1f min", progress.update, progress.epoch + 1, values["loss"], values["ppl"], lr,
+             "peak RSS %.2f GB | %.1f min", progress.update, progress.epoch + 1, values["loss"], values["ppl"], lr,
              values["tokens_per_s"], values["padding_efficiency_src"], values["padding_efficiency_tgt"],
-             values["elapsed_min"])
+             values["peak_rss_gb"], values["elapsed_min"])
     writer.write("train", progress.update, values)
 
 

@@ -18,7 +18,8 @@ train.max_updates=N) train.run_dir=RUN_ROOT/NAME` (RUN_ROOT defaults to runs/swe
 after another, or `--parallel K` at a time with run i pinned to its own cores (os.sched_setaffinity, OMP_NUM_THREADS
 = cores per run), which on a 2-core machine screens twice as many settings per hour at one thread each. Its line
 holds the dev curve (update, minutes, BLEU, perplexity) from RUN_DIR/metrics.jsonl, the number of updates, the mean
-training tokens/s, the final and best dev BLEU, test BLEU when the run decoded the test set, and the exit code.
+training tokens/s, the peak RSS (largest over ranks), the final and best dev BLEU, test BLEU when the run decoded
+the test set, and the exit code.
 Runs whose result line already exists in the output file are skipped, so an interrupted sweep resumes;
 `--only a,b` runs just the named runs (e.g. the top few again, or a subset when time is short).
 """
@@ -48,6 +49,7 @@ def summarize(run_dir: Path) -> dict:
     return {"dev_bleu_curve": curve,
             "updates": max((r["update"] for r in records), default=0),
             "tokens_per_s": round(sum(r["tokens_per_s"] for r in train) / len(train), 1) if train else None,
+            "peak_rss_gb": max((r["peak_rss_gb"] for r in train if "peak_rss_gb" in r), default=None),
             "final_dev_bleu": curve[-1][2] if curve else None,
             "best_dev_bleu": max((c[2] for c in curve), default=None),
             "test_bleu": test[-1].get("bleu") if test else None,

@@ -35,6 +35,8 @@ def test_training_lowers_loss_and_reports_bleu(tmp_path, prepared):
                   "train.eval_every_updates=30", "data.test=raw/test_2016_flickr", "train.eval_sample_sentences=8"])
     losses = [r["loss"] for r in metrics(run, "train")]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
+    rss = [r["peak_rss_gb"] for r in metrics(run, "train")]  # a running maximum, in GB
+    assert 0.2 < rss[0] <= rss[-1] < 8 and "peak RSS" in proc.stderr, rss
     valid = metrics(run, "valid")
     assert [r["update"] for r in valid] == [30, 40] and valid[0]["sentences"] == 8  # and the final model
     scores = json.loads((run / "test_scores.json").read_text())

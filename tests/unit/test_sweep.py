@@ -16,15 +16,15 @@ _spec.loader.exec_module(sweep)
 
 
 def test_summary_reads_curve_updates_speed_and_test(tmp_path):
-    records = [{"kind": "train", "update": 50, "time": 60.0, "tokens_per_s": 1000.0},
+    records = [{"kind": "train", "update": 50, "time": 60.0, "tokens_per_s": 1000.0, "peak_rss_gb": 1.5},
                {"kind": "valid", "update": 50, "time": 90.0, "bleu": 5.0, "ppl": 30.0},
-               {"kind": "train", "update": 100, "time": 150.0, "tokens_per_s": 3000.0},
+               {"kind": "train", "update": 100, "time": 150.0, "tokens_per_s": 3000.0, "peak_rss_gb": 2.5},
                {"kind": "valid", "update": 100, "time": 180.0, "bleu": 4.0, "ppl": 20.0},
                {"kind": "test", "update": 100, "time": 200.0, "bleu": 6.5, "tok_bleu": 7.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = sweep.summarize(tmp_path)
     assert summary["dev_bleu_curve"] == [[50, 1.5, 5.0, 30.0], [100, 3.0, 4.0, 20.0]]
-    assert (summary["updates"], summary["tokens_per_s"]) == (100, 2000.0)
+    assert (summary["updates"], summary["tokens_per_s"], summary["peak_rss_gb"]) == (100, 2000.0, 2.5)
     assert (summary["final_dev_bleu"], summary["best_dev_bleu"]) == (4.0, 5.0)
     assert (summary["test_bleu"], summary["test_tok_bleu"]) == (6.5, 7.0)
     assert sweep.summarize(tmp_path / "missing")["updates"] == 0
