@@ -114,7 +114,19 @@ def parse_args(argv):
     p.add_argument("--no-hybridize", action="store_true")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also print (to stderr) the N functions with the most cumulative time in our search")
     return p.parse_args(argv)
+
+
+def profile_ours(model, batches, args) -> None:
+    """cProfile one more pass of our search; the top `args.profile` functions by cumulative time to stderr."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run_ours, model, batches, args)
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(args.profile)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
               "alpha": args.alpha, "beta": args.beta, "hybridized": not args.no_hybridize,
               "mean_output_tokens": round(float(np.mean([len(o) for o in ours])), 2),
               "sec": round(sec, 3), "cpu_sec": round(cpu_sec, 3), "sentences_per_sec": round(args.sentences / sec, 1)}
+    if args.profile:
+        profile_ours(model, batches, args)
     if not args.no_reference:
         run_reference(model, batches[:1], args)
         ref_sec, ref_cpu_sec, ref = run_reference(model, batches, args)
