@@ -175,7 +175,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_impl": ("auto", "batch_dot", "fused", "interleaved"),
     "model.arch": MODEL_NAMES,
     "dist.compression": ("fp16", "none"),
-    "model.gnmt.attention": ("mlp", "normed_mlp", "scaled_luong"),
+    "model.gnmt.attention": ("mlp", "normed_mlp", "luong", "scaled_luong"),
     "model.gnmt.decoder_init": ("encoder", "encoder_h", "zeros"),
     "optim.schedule": ("constant", "inverse_sqrt", "step_decay"),
     "precision.dtype": ("auto", "bf16", "fp16", "fp32"),

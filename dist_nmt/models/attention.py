@@ -284,34 +284,35 @@ class MLPAttention(HybridBlock):
 
 
 class LuongAttention(HybridBlock):
-    """General multiplicative attention, GluonNLP's `scaled_luong`: score (W q)ᵀ m / √A with the memory itself
-    as keys (so A = H) and no bias. Two matrix products, no 4-D tensor."""
+    """General multiplicative attention (Luong et al., 2015): score (W q)ᵀ m with the memory itself as keys (so
+    A = H) and no bias. Two matrix products, no 4-D tensor. `scaled` divides the score by √A (GluonNLP's
+    `scaled_luong`); unscaled (`luong`) is the paper's "general" score."""
 
-    def __init__(self, units: int, prefix: str | None = None):
+    def __init__(self, units: int, scaled: bool = True, prefix: str | None = None):
         super().__init__(prefix=prefix)
-        self.units = units
+        self.units, self.scale = units, 1.0 / math.sqrt(units) if scaled else 1.0
         with self.name_scope():
             self.query_proj = nn.Dense(units, flatten=False, in_units=units, use_bias=False, prefix="query_")
 
     def hybrid_forward(self, F, query, keys, values, lengths):
         """query (B, T, H), keys (B, S, H), values (B, S, H), lengths (B, T) -> ctx (B, T, H), probs (B, T, S)."""
         q = self.query_proj(query)  # (B, T, A)
-        scores = F.linalg.gemm2(q, keys, transpose_b=True, alpha=1.0 / math.sqrt(self.units))  # (B, T, S)
+        scores = F.linalg.gemm2(q, keys, transpose_b=True, alpha=self.scale)  # (B, T, S)
         return _attend_values(F, scores, values, lengths)
 
 
 ADDITIVE_ATTENTION = ("mlp", "normed_mlp")
-GNMT_ATTENTION = ADDITIVE_ATTENTION + ("scaled_luong",)
+GNMT_ATTENTION = ADDITIVE_ATTENTION + ("luong", "scaled_luong")
 
 
 def gnmt_attention(kind: str, units: int, chunk_units: int = 0, prefix: str | None = None,
                    fused: bool = False) -> HybridBlock:
-    """The GNMT decoder's attention block by name: mlp, normed_mlp (additive) or scaled_luong.
+    """The GNMT decoder's attention block by name: mlp, normed_mlp (additive), luong or scaled_luong.
 
-    `fused`: additive scores through the fused CPU op (scaled_luong has no 4-D tensor and ignores it).
+    `fused`: additive scores through the fused CPU op (the multiplicative kinds have no 4-D tensor and ignore it).
     """
-    if kind == "scaled_luong":
-        return LuongAttention(units, prefix=prefix)
+    if kind in ("luong", "scaled_luong"):
+        return LuongAttention(units, scaled=kind == "scaled_luong", prefix=prefix)
     if kind in ADDITIVE_ATTENTION:
         return MLPAttention(units, kind == "normed_mlp", chunk_units, prefix=prefix, fused=fused)
     raise ValueError(f"unknown attention '{kind}'; choose one of: {', '.join(GNMT_ATTENTION)}")

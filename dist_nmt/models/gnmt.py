@@ -19,8 +19,8 @@ Wiring (layers numbered from 1, as in the paper):
   `use_sequence_length` on CPU in MXNet 1.9.1 (measured: the backward outputs of valid positions changed
   with the padding), hence two unidirectional fused LSTMs instead of one bidirectional one.
 - Decoder: layer 1 reads the target embedding; the attention (`attention`: additive `mlp` (Bahdanau),
-  `normed_mlp` (GNMT's weight-normalised score vector g·v/|v|), or multiplicative `scaled_luong`, GluonNLP's
-  default; see `models.attention`) is queried with layer 1's output at the same step, and its context is
+  `normed_mlp` (GNMT's weight-normalised score vector g·v/|v|), or multiplicative `luong` / `scaled_luong` (÷√A,
+  GluonNLP's default); see `models.attention`) is queried with layer 1's output at the same step, and its context is
   concatenated to the input of every layer above (the TF-NMT `gnmt_v2` wiring). Nothing is fed back from attention into
   layer 1, so in teacher-forced training every decoder layer is one fused LSTM call over all T steps.
 - Layer l adds its input's hidden part (the previous layer's output) when l >= `residual_from_layer`

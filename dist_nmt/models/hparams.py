@@ -34,7 +34,7 @@ class GNMTHParams:
     embed_size: int = 512
     num_bi_layers: int = 1
     residual_from_layer: int = 3
-    attention: str = "normed_mlp"  # mlp | normed_mlp (additive) | scaled_luong (multiplicative, GluonNLP's default)
+    attention: str = "normed_mlp"  # mlp | normed_mlp (additive) | luong | scaled_luong (multiplicative)
     dropout: float = 0.2
     tie_embeddings: bool = True
     decoder_init: str = "zeros"  # zeros | encoder (final h, c per layer) | encoder_h (final h, c = 0)

@@ -106,22 +106,24 @@ def test_chunked_additive_score_has_the_same_values_and_gradients(normalized, hy
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_scaled_luong_matches_numpy_and_masks_padding():
+@pytest.mark.parametrize("scaled", [True, False])
+def test_luong_matches_numpy_and_masks_padding(scaled):
     mx.random.seed(2)
-    block = LuongAttention(16, prefix="att_")
+    block = LuongAttention(16, scaled=scaled, prefix="att_")
     block.initialize()
     query, keys, values, lengths = _gnmt_inputs()
     ctx, probs = block(query, keys, values, lengths)
     w = block.query_proj.weight.data().asnumpy()
     q = query.asnumpy() @ w.T  # (B, T, A)
     valid = np.maximum(lengths.asnumpy(), 1)  # a dummy row attends to its first key
-    expected = numpy_attention(q, keys.asnumpy(), values.asnumpy(), valid)  # scores / √A, as in scaled_luong
+    q = q if scaled else q * math.sqrt(16)  # numpy_attention divides the scores by √A, as scaled_luong does
+    expected = numpy_attention(q, keys.asnumpy(), values.asnumpy(), valid)
     np.testing.assert_allclose(ctx.asnumpy(), expected, atol=1e-5)
     assert np.all(probs.asnumpy()[1, :, 3:] == 0)
     np.testing.assert_allclose(probs.asnumpy().sum(-1), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "normed_mlp", "scaled_luong"])
+@pytest.mark.parametrize("kind", ["mlp", "normed_mlp", "luong", "scaled_luong"])
 def test_one_query_at_a_time_equals_all_queries(kind):
     block = gnmt_attention(kind, 16, chunk_units=8, prefix="att_")
     block.initialize(mx.init.Uniform(0.5))
@@ -132,7 +134,7 @@ def test_one_query_at_a_time_equals_all_queries(kind):
         ctx_t, probs_t = block(query[:, t:t + 1], keys, values, lengths[:, t:t + 1])
         np.testing.assert_allclose(ctx_t.asnumpy()[:, 0], ctx.asnumpy()[:, t], atol=1e-5)
         np.testing.assert_allclose(probs_t.asnumpy()[:, 0], probs.asnumpy()[:, t], atol=1e-6)
-    with pytest.raises(ValueError, match="choose one of: mlp, normed_mlp, scaled_luong"):
+    with pytest.raises(ValueError, match="choose one of: mlp, normed_mlp, luong, scaled_luong"):
         gnmt_attention("dot", 16)
 
 

@@ -12,7 +12,7 @@ from dist_nmt.models.gnmt import GNMTModel, final_states
 from dist_nmt.models.hparams import GNMTHParams
 
 VOCAB = 40
-ATTENTIONS = ["mlp", "normed_mlp", "scaled_luong"]
+ATTENTIONS = ["mlp", "normed_mlp", "luong", "scaled_luong"]
 DECODER_INITS = ["zeros", "encoder", "encoder_h"]
 
 
