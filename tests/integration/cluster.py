@@ -35,6 +35,7 @@ from pathlib import Path
 from integration.netns import (  # noqa: F401 (available: re-exported for the tests)
     IP,
     NETNS_ETC,
+    ShimEnv,
     _ip,
     _kill_namespace_processes,
     available,
@@ -62,7 +63,7 @@ class SimHost:
 
 
 @dataclass
-class SimCluster:
+class SimCluster(ShimEnv):
     """N hosts on one switch, an ssh shim and per-namespace /etc/hosts. Use as a context manager."""
 
     hosts: list[SimHost]
@@ -121,18 +122,6 @@ class SimCluster:
                 "-H", self.host_list(slots, hosts), "--mca", "plm_rsh_agent", str(self.shim_dir / "ssh"),
                 "--mca", "oob_tcp_if_include", self.nic, "--mca", "btl_tcp_if_include", self.nic,
                 "--mca", "btl", "self,tcp", "--mca", "pml", "ob1", "-bind-to", "none", "-map-by", "slot", *exports]
-
-    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """os.environ plus `extra`, with the ssh shim first on PATH."""
-        env = {**os.environ, **(extra or {})}
-        env["PATH"] = f"{self.shim_dir}{os.pathsep}{env.get('PATH', '')}"
-        return env
-
-    def ssh_calls(self) -> list[tuple[str, str]]:
-        """(namespace, command) of every ssh the shim has served, in order."""
-        log = self.shim_dir / "calls.log"
-        lines = log.read_text().splitlines() if log.exists() else []
-        return [tuple(line.split(" ", 1)) for line in lines]
 
     def pids(self) -> dict[str, list[int]]:
         """Live processes per host namespace (an empty list everywhere = nothing left behind)."""

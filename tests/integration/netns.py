@@ -38,8 +38,26 @@ class Host:
     address: str  # IPv4 address on the test link, without prefix length
 
 
+class ShimEnv:
+    """What a test harness with an ssh shim in `self.shim_dir` offers its tests (TwoHosts, cluster.SimCluster)."""
+
+    shim_dir: Path
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """os.environ plus `extra`, with the ssh shim first on PATH."""
+        env = {**os.environ, **(extra or {})}
+        env["PATH"] = f"{self.shim_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def ssh_calls(self) -> list[tuple[str, str]]:
+        """(namespace, command) of every ssh the shim has served, in order."""
+        log = self.shim_dir / "calls.log"
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [tuple(line.split(" ", 1)) for line in lines]
+
+
 @dataclass
-class TwoHosts:
+class TwoHosts(ShimEnv):
     """Two namespaces, one veth link named `nic` at both ends, an ssh shim and per-namespace /etc/hosts."""
 
     first: Host
@@ -75,18 +93,6 @@ class TwoHosts:
     def horovod_hosts(self, slots: int = 1) -> str:
         """`-H` argument for horovodrun: `ADDR1:slots,ADDR2:slots`."""
         return ",".join(f"{h.address}:{slots}" for h in self.hosts)
-
-    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """os.environ plus `extra`, with the ssh shim first on PATH."""
-        env = {**os.environ, **(extra or {})}
-        env["PATH"] = f"{self.shim_dir}{os.pathsep}{env.get('PATH', '')}"
-        return env
-
-    def ssh_calls(self) -> list[tuple[str, str]]:
-        """(namespace, command) of every ssh the shim has served, in order."""
-        log = self.shim_dir / "calls.log"
-        lines = log.read_text().splitlines() if log.exists() else []
-        return [tuple(line.split(" ", 1)) for line in lines]
 
     def link_bytes(self, host: Host) -> tuple[int, int]:
         """(rx_bytes, tx_bytes) of the test NIC inside the host's namespace."""
