@@ -173,13 +173,9 @@ LINK_DOWN_GLOO_TIMEOUT = 60
 LINK_DOWN_BOUND_SECONDS = LINK_DOWN_GLOO_TIMEOUT + 60
 
 
-def test_link_down_ends_job_within_bound_and_relaunch_on_two_hosts_resumes(tmp_path, prepared, net):
-    run, out = tmp_path / "run", tmp_path / "job.log"
-    common = [prepared, *FAST, *DETERMINISTIC, f"train.run_dir={run}"]
-    args = [*net.exec_in(net.hosts[0]), *net.horovodrun(slots=1), PYTHON, "-m", "dist_nmt.train", "--config", TINY,
-            *common, "train.max_updates=100000", "train.save_every_updates=3"]
-    env = net.env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                   "HOROVOD_GLOO_TIMEOUT_SECONDS": str(LINK_DOWN_GLOO_TIMEOUT)})
+def _pull_link_after_first_checkpoint(net: sim.SimCluster, args: list[str], env: dict[str, str], run: Path,
+                                      out: Path, wait_seconds: float) -> float:
+    """Start the job, take host 4's link down once a checkpoint exists; seconds until the job ended (non-zero)."""
     with out.open("w") as sink:
         job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
@@ -189,12 +185,23 @@ def test_link_down_ends_job_within_bound_and_relaunch_on_two_hosts_resumes(tmp_p
         assert list((run / "checkpoints").glob("ckpt-*")), f"no checkpoint written\n{out.read_text()[-3000:]}"
         net.set_link(net.hosts[3], up=False)
         pulled_at = time.time()
-        job.wait(timeout=LINK_DOWN_BOUND_SECONDS + 30)
+        job.wait(timeout=wait_seconds)
         took = time.time() - pulled_at
     finally:
         if job.poll() is None:
             job.kill()
     assert job.returncode != 0, out.read_text()[-3000:]
+    return took
+
+
+def test_link_down_ends_job_within_bound_and_relaunch_on_two_hosts_resumes(tmp_path, prepared, net):
+    run, out = tmp_path / "run", tmp_path / "job.log"
+    common = [prepared, *FAST, *DETERMINISTIC, f"train.run_dir={run}"]
+    args = [*net.exec_in(net.hosts[0]), *net.horovodrun(slots=1), PYTHON, "-m", "dist_nmt.train", "--config", TINY,
+            *common, "train.max_updates=100000", "train.save_every_updates=3"]
+    env = net.env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                   "HOROVOD_GLOO_TIMEOUT_SECONDS": str(LINK_DOWN_GLOO_TIMEOUT)})
+    took = _pull_link_after_first_checkpoint(net, args, env, run, out, LINK_DOWN_BOUND_SECONDS + 30)
     assert took < LINK_DOWN_BOUND_SECONDS, f"job took {took:.0f} s to end after the link went down"
     _assert_nothing_left(net)
 
@@ -262,20 +269,6 @@ def test_mpirun_link_down_ends_job_within_bound_without_orphans(tmp_path, prepar
             "--config", TINY, prepared, *FAST, *DETERMINISTIC, f"train.run_dir={run}", "train.max_updates=100000",
             "train.save_every_updates=3", "dist.stall_check_seconds=10", "dist.stall_shutdown_seconds=30"]
     env = net.env({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    with out.open("w") as sink:
-        job = subprocess.Popen(args, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 400
-        while not list((run / "checkpoints").glob("ckpt-*")) and time.time() < deadline and job.poll() is None:
-            time.sleep(1)
-        assert list((run / "checkpoints").glob("ckpt-*")), f"no checkpoint written\n{out.read_text()[-3000:]}"
-        net.set_link(net.hosts[3], up=False)
-        pulled_at = time.time()
-        job.wait(timeout=300)
-        took = time.time() - pulled_at
-    finally:
-        if job.poll() is None:
-            job.kill()
-    assert job.returncode != 0, out.read_text()[-3000:]
+    took = _pull_link_after_first_checkpoint(net, args, env, run, out, 300)
     assert took < 120, f"job took {took:.0f} s to end after the link went down"
     _assert_nothing_left(net, seconds=30)
