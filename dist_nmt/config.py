@@ -346,6 +346,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return from_dict(raw)
 
 
+ONE_STEP = ("train.max_updates=1", "optim.cooldown_updates=0")
+
+
+def load_for_one_step(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A config for code that runs a step or a decode, never a whole training (benchmarks, tests): `path` with a
+    one-update stop and no cooldown (which needs a longer stop), then `overrides`."""
+    return load_config(path, [*ONE_STEP, *overrides])
+
+
 def to_dict(cfg: Any) -> dict:
     """Nested plain-dict view (YAML/JSON serialisable)."""
     return dataclasses.asdict(cfg)

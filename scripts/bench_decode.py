@@ -28,7 +28,7 @@ import mxnet as mx
 import numpy as np
 
 from dist_nmt import allocator
-from dist_nmt.config import load_config
+from dist_nmt.config import load_for_one_step
 from dist_nmt.data import BOS_ID as BOS
 from dist_nmt.data import EOS_ID as EOS
 from dist_nmt.decode import translate_batch
@@ -132,7 +132,7 @@ def profile_ours(model, batches, args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     path = Path(args.preset) if Path(args.preset).suffix else ROOT / "configs" / "models" / f"{args.preset}.yaml"
-    model_cfg = load_config(path, ["train.max_updates=1"]).model
+    model_cfg = load_for_one_step(path).model
     mx.random.seed(args.seed)
     model = build_model(model_cfg.arch, getattr(model_cfg, model_cfg.arch), args.vocab)
     if args.checkpoint:

@@ -42,7 +42,7 @@ import mxnet as mx
 from mxnet import autograd, gluon
 
 from dist_nmt import allocator, distributed, environment, ops
-from dist_nmt.config import Config, load_config
+from dist_nmt.config import Config, load_for_one_step
 from dist_nmt.data import Batch, random_batch
 from dist_nmt.precision import check_precision
 from dist_nmt.step import train_step
@@ -56,7 +56,7 @@ def preset_config(preset: str, overrides: tuple[str, ...] = ()) -> Config:
     path = Path(preset)
     if not path.suffix:
         path = ROOT / "configs" / "models" / f"{preset}.yaml"
-    return load_config(path, ["train.max_updates=1", *overrides])
+    return load_for_one_step(path, overrides)
 
 
 def fc_peak_gflops(reps: int = 10) -> float:
