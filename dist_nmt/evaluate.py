@@ -9,6 +9,7 @@ reproduce that tokenisation with sacremoses and score it with sacreBLEU's `token
 """
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import sacrebleu
@@ -31,11 +32,16 @@ def sacre_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict:
 
 
 def moses_tokenize_lc(lines: Sequence[str], lang: str) -> list[str]:
-    """Multi30k's task1-tokenize.sh: normalise punctuation, Moses-tokenise (escaped), lowercase."""
+    """Multi30k's task1-tokenize.sh: normalise punctuation, Moses-tokenise (escaped), lowercase.
+
+    Idempotent on its own output: Moses' escapes (`&quot;`, `&apos;`, ...) are undone first, so hypotheses of a model
+    trained on the already tokenised files are not escaped twice (`&amp;quot;`).
+    """
     from sacremoses import MosesPunctNormalizer, MosesTokenizer
 
     normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
-    return [tokenizer.tokenize(normalizer.normalize(line), return_str=True, escape=True).lower() for line in lines]
+    return [tokenizer.tokenize(normalizer.normalize(html.unescape(line)), return_str=True, escape=True).lower()
+            for line in lines]
 
 
 def tokenized_bleu(hyps: Sequence[str], tok_refs: Sequence[str], lang: str) -> dict:

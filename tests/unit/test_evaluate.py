@@ -32,3 +32,13 @@ def test_tokenisation_reproduces_official_multi30k_files():
     same = sum(a == b for a, b in zip(moses_tokenize_lc(raw, "de"), tok, strict=True))
     assert same >= 995  # 999/1000 measured; one line differs in the official file's sentence-final period
     assert tokenized_bleu(raw, tok, "de")["tok_bleu"] > 99.9
+
+
+def test_tokenisation_is_idempotent_on_the_official_tokenized_files():
+    # Hypotheses of a model trained on the tok/ files are already tokenised and escaped (`&quot;`): scoring them must
+    # not escape a second time.
+    tok = _lines(M30K / "tok" / "train.lc.norm.tok.de.gz")[:3000]
+    assert any("&quot;" in line for line in tok)
+    retok = moses_tokenize_lc(tok, "de")
+    assert sum(a == b for a, b in zip(retok, tok, strict=True)) >= 2990
+    assert not any("&amp;quot;" in line for line in retok)
